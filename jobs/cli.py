@@ -1,0 +1,89 @@
+"""`ziya-batch`: run, demo, submit and inspect Ziya-Visual batch jobs.
+
+    ziya-batch demo                                 # tiny model + real photographs, local Ray
+    ziya-batch run jobs/caption_dataset.yaml --set resources.actors=4
+    ziya-batch submit jobs/caption_dataset.yaml --address http://HEAD:8265 [--wait]
+    ziya-batch status|logs|stop SUBMISSION_ID --address http://HEAD:8265
+    ziya-batch report OUTPUT_URI --out report.html
+
+Each subcommand lives in its own module under `jobs/`; this file only parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a job file on the current Ray cluster (or a local one)")
+    p.add_argument("job", help="job YAML file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job field, e.g. --set resources.actors=4 (repeatable)",
+    )
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    p.add_argument("--quiet", action="store_true", help="no progress line, summary only")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jobs.run import run_job_file
+
+    return run_job_file(args.job, args.overrides, address=args.address, quiet=args.quiet)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="caption + VQA demo on the tiny model and real photographs")
+    p.add_argument("--dir", default="ziya-demo", help="where checkpoint, manifest and output go")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(args.dir)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run's output")
+    p.add_argument("output", help="the job's output URI (local path, s3://, gs://)")
+    p.add_argument("--out", default="report.html", help="HTML file to write")
+    p.add_argument("--sample", type=int, default=200, help="rows shown in the gallery")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// output")
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    path = write_report(
+        args.output, args.out, sample=args.sample, endpoint_url=args.endpoint_url
+    )
+    print(f"report written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ziya-batch", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_demo(sub)
+    _add_report(sub)
+    from jobs import submit
+
+    submit.add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

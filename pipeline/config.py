@@ -1,0 +1,241 @@
+"""Typed job configuration: one YAML job file becomes one `JobConfig`.
+
+Every field carries a description (shown in validation errors and in `ziya-batch run --help-job`).
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CAPTION_PROMPT = "请用中文和英文各写一句话描述这张图片。Describe this image in one sentence."
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Strict):
+    uri: str | list[str] = Field(
+        description="Manifest location: one Parquet file, a list of them, or a directory/prefix "
+        "(s3://, gs://, or a local path). Files are processed in sorted order."
+    )
+
+
+class OutputConfig(_Strict):
+    uri: str = Field(description="Output directory or prefix; shards, markers and summary go here.")
+    rows_per_shard: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Manifest rows per output shard: the unit of commit and of resume.",
+    )
+
+
+class TaskConfig(_Strict):
+    kind: Literal["caption", "vqa"] = Field(
+        default="caption",
+        description="caption: one prompt for every row; vqa: the row's question/questions.",
+    )
+    caption_prompt: str = Field(
+        default=DEFAULT_CAPTION_PROMPT,
+        min_length=1,
+        description="The question asked of every image when kind is caption.",
+    )
+    max_question_chars: int = Field(
+        default=2000, ge=1, description="Longer questions end as status invalid_question."
+    )
+
+
+class ModelConfig(_Strict):
+    visual: str = Field(
+        description="Visual checkpoint directory (config.json + model.safetensors or "
+        "pytorch_model.bin): local path or s3:// / gs:// prefix (copied once per node)."
+    )
+    llm: str = Field(
+        description="Merged Ziya-LLaMA-13B directory (config.json, weights, tokenizer): local "
+        "path or s3:// / gs:// prefix (copied once per node)."
+    )
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto", description="Weight dtype; auto = bf16 on GPU, fp32 on CPU."
+    )
+    cache_dir: str = Field(
+        default="/tmp/ziya-batch/models",
+        description="Node-local directory where weights from object storage are cached.",
+    )
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(default=64, ge=1, le=2048, description="Upper bound on answer tokens.")
+    min_new_tokens: int = Field(default=0, ge=0, description="Lower bound on answer tokens.")
+    do_sample: bool = Field(default=False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(default=0.7, gt=0, description="Sampling temperature (do_sample only).")
+    top_p: float = Field(default=0.1, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
+    repetition_penalty: float = Field(
+        default=1.0, ge=1.0, description="Penalty on repeated tokens (the seed's demo used 1.18)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must be <= max_new_tokens")
+        return self
+
+    def as_json(self) -> str:
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+
+class ResourcesConfig(_Strict):
+    actors: int = Field(default=1, ge=1, description="Model replicas (one actor each).")
+    gpus_per_actor: float = Field(
+        default=0, ge=0, description="GPUs per model actor; 0 runs the model on CPU."
+    )
+    cpus_per_actor: float = Field(default=1, gt=0, description="CPUs reserved per model actor.")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Images per model batch; empty = chosen from device memory (GPU) or 8 (CPU).",
+    )
+    preprocess_cpus: float = Field(
+        default=1, gt=0, description="CPUs per fetch/preprocess task (keeps them off model actors)."
+    )
+    preprocess_batch_size: int = Field(default=32, ge=1, description="Rows per fetch/preprocess batch.")
+    fetch_threads: int = Field(default=16, ge=1, description="Concurrent image reads per fetch task.")
+
+
+class StorageConfig(_Strict):
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, moto, ...); empty = AWS default."
+    )
+    region: str | None = Field(default=None, description="S3 region; empty = default chain.")
+    anon: bool = Field(default=False, description="Anonymous (unsigned) access to public buckets.")
+    retries: int = Field(default=5, ge=0, le=20, description="Bounded retries per image read.")
+    timeout_s: float = Field(default=30.0, gt=0, description="Per-request timeout for image reads.")
+
+
+class LimitsConfig(_Strict):
+    allowed_locations: list[str] = Field(
+        default_factory=list,
+        description="URI prefixes images may come from (s3://bucket/prefix/, /local/dir/). Empty "
+        "= the manifest's own bucket or directory only.",
+    )
+    allow_http: bool = Field(
+        default=False,
+        description="Allow http(s):// image URLs (never to loopback, link-local or private hosts).",
+    )
+    max_image_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1, description="Larger image objects end as too_large."
+    )
+    max_image_pixels: int = Field(
+        default=64_000_000, ge=1, description="Images with more pixels (from the header) are too_large."
+    )
+
+
+class RunConfig(_Strict):
+    mode: Literal["resume", "retry_failed", "incremental", "overwrite"] = Field(
+        default="resume",
+        description="resume: skip committed shards; retry_failed: redo only failed rows of "
+        "committed shards; incremental: label only rows whose (id, image, question, model, "
+        "generation) are new; overwrite: redo everything.",
+    )
+    max_failure_rate: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Abort when the failure fraction exceeds this after min_rows_before_abort.",
+    )
+    min_rows_before_abort: int = Field(
+        default=200, ge=1, description="Rows seen before the failure-rate threshold applies."
+    )
+
+
+class JobConfig(_Strict):
+    name: str = Field(default="ziya-batch", description="Job name (used in logs and submission ids).")
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ \t\n"):
+            raise ValueError("name must be non-empty without slashes or whitespace")
+        return v
+
+
+class JobConfigError(ValueError):
+    """A job file that cannot run; the message names the key and what is allowed."""
+
+
+def _describe(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """The description and allowed values of the field at `loc`, for error messages."""
+    cls: Any = model
+    field = None
+    for part in loc:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            break
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return "allowed keys: " + ", ".join(cls.model_fields)
+        ann = field.annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return field.description or "" if field else ""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job file {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        hint = _describe(JobConfig, e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" + (f" — {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise JobConfigError(f"override {item!r} must look like key.path=value")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise JobConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def parse_job(data: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> JobConfig:
+    if not isinstance(data, dict):
+        raise JobConfigError(f"invalid job file {source}: the top level must be a mapping")
+    apply_overrides(data, list(overrides))
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise JobConfigError(_format_errors(err, source)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read and validate a job file (relative local paths in it are relative to the working dir)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise JobConfigError(f"cannot read job file {path}: {err}") from None
+    return parse_job(data, str(path), overrides)
