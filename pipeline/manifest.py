@@ -1,0 +1,221 @@
+"""Manifests: find the Parquet files, check them before any GPU work, cut them into shards.
+
+A manifest row names one image (`image` URI or `image_bytes`) under a unique string `id`, and for
+VQA its `question` (string) or `questions` (list of strings), optionally with earlier turns in
+`history_queries` / `history_answers`. Every other column passes through to the output.
+
+Shards are deterministic: rows [start, end) of one manifest file, named from the file and the
+range, so the same work always lands on the same output key (see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import JobConfig, StorageConfig
+from pipeline.storage import filesystem, full_uri
+
+# Columns the pipeline reads from a manifest; everything else passes through untouched.
+ID = "id"
+IMAGE = "image"
+IMAGE_BYTES = "image_bytes"
+QUESTION = "question"
+QUESTIONS = "questions"
+HISTORY_QUERIES = "history_queries"
+HISTORY_ANSWERS = "history_answers"
+KNOWN_COLUMNS = (ID, IMAGE, IMAGE_BYTES, QUESTION, QUESTIONS, HISTORY_QUERIES, HISTORY_ANSWERS)
+
+
+class ManifestError(ValueError):
+    """A manifest that breaks the column rules; raised before any model work starts."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str
+    path: str  # full URI of the manifest file
+    start: int  # first row (inclusive)
+    end: int  # last row (exclusive)
+
+    @property
+    def num_rows(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ManifestPlan:
+    files: list[str]
+    shards: list[Shard]
+    total_rows: int
+    schema: pa.Schema  # the (common) manifest schema
+
+    @property
+    def passthrough_columns(self) -> list[str]:
+        """Manifest columns copied to the output: all but the id and the raw image bytes."""
+        return [n for n in self.schema.names if n not in (ID, IMAGE_BYTES)]
+
+
+def shard_id(path: str, start: int, end: int) -> str:
+    stem = posixpath.basename(path).rsplit(".", 1)[0] or "manifest"
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:60]
+    digest = hashlib.sha1(path.encode()).hexdigest()[:8]
+    return f"{stem}-{digest}-{start:09d}-{end:09d}"
+
+
+def list_manifest_files(uri: str | list[str], storage: StorageConfig) -> list[str]:
+    """Full URIs of the manifest Parquet files, sorted; a directory/prefix is listed recursively."""
+    uris = [uri] if isinstance(uri, str) else list(uri)
+    files: list[str] = []
+    for u in uris:
+        fs, path = filesystem(u, storage)
+        if not fs.exists(path):
+            raise ManifestError(f"manifest {u} does not exist")
+        if fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+            if not found:
+                raise ManifestError(f"manifest directory {u} holds no .parquet files")
+            files.extend(full_uri(fs, p) for p in found)
+        else:
+            files.append(u)
+    if len(set(files)) != len(files):
+        raise ManifestError("the same manifest file is listed twice: " + ", ".join(files))
+    return files
+
+
+def _example(table: pa.Table, column: str, index: int = 0) -> str:
+    row = {k: v for k, v in table.slice(index, 1).to_pylist()[0].items() if k != IMAGE_BYTES}
+    text = repr(row)
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_string_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_string(t.value_type)
+
+
+def check_schema(schema: pa.Schema, task_kind: str, source: str) -> None:
+    """Column rules that can be checked from the schema alone."""
+    names = set(schema.names)
+
+    def fail(column: str, problem: str) -> None:
+        raise ManifestError(f"manifest {source}: column {column!r} {problem}; columns: {schema.names}")
+
+    if ID not in names:
+        fail(ID, "is required (a unique string per row)")
+    if not _is_string(schema.field(ID).type):
+        fail(ID, f"must be a string, got {schema.field(ID).type}")
+    if IMAGE not in names and IMAGE_BYTES not in names:
+        fail(f"{IMAGE}/{IMAGE_BYTES}", "is required: one of them must name or hold the image")
+    if IMAGE in names and not _is_string(schema.field(IMAGE).type):
+        fail(IMAGE, f"must be a string URI, got {schema.field(IMAGE).type}")
+    if IMAGE_BYTES in names and not (
+        pa.types.is_binary(schema.field(IMAGE_BYTES).type)
+        or pa.types.is_large_binary(schema.field(IMAGE_BYTES).type)
+    ):
+        fail(IMAGE_BYTES, f"must be binary, got {schema.field(IMAGE_BYTES).type}")
+    if QUESTION in names and not _is_string(schema.field(QUESTION).type):
+        fail(QUESTION, f"must be a string, got {schema.field(QUESTION).type}")
+    for col in (QUESTIONS, HISTORY_QUERIES, HISTORY_ANSWERS):
+        if col in names and not _is_string_list(schema.field(col).type):
+            fail(col, f"must be a list of strings, got {schema.field(col).type}")
+    if (HISTORY_QUERIES in names) != (HISTORY_ANSWERS in names):
+        fail(HISTORY_QUERIES, "and history_answers must come together")
+    if task_kind == "vqa" and QUESTION not in names and QUESTIONS not in names:
+        fail(f"{QUESTION}/{QUESTIONS}", "is required for task vqa")
+
+
+def _read_ids(fs: Any, path: str) -> pa.ChunkedArray:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=[ID]).column(ID)
+
+
+def plan(job: JobConfig) -> ManifestPlan:
+    """Validate every manifest file and cut it into shards; raises `ManifestError`."""
+    files = list_manifest_files(job.input.uri, job.storage)
+    schema: pa.Schema | None = None
+    shards: list[Shard] = []
+    all_ids: list[pa.ChunkedArray] = []
+    total = 0
+    for uri in files:
+        fs, path = filesystem(uri, job.storage)
+        try:
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+                file_schema = meta.schema.to_arrow_schema()
+        except Exception as err:
+            raise ManifestError(f"manifest {uri} is not a readable Parquet file: {err}") from None
+        check_schema(file_schema, job.task.kind, uri)
+        if schema is None:
+            schema = file_schema
+        elif not file_schema.equals(schema):
+            raise ManifestError(
+                f"manifest {uri}: its columns {file_schema} differ from {files[0]}'s {schema}"
+            )
+        ids = _read_ids(fs, path)
+        if ids.null_count:
+            index = pc.index(pc.is_null(ids), True).as_py()
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f).slice(index, 1)
+            raise ManifestError(
+                f"manifest {uri}: column 'id' is null at row {index}: {_example(table, ID)}"
+            )
+        all_ids.append(ids)
+        rows = meta.num_rows
+        step = job.output.rows_per_shard
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            shards.append(Shard(shard_id(uri, start, end), uri, start, end))
+        total += rows
+    if schema is None:
+        raise ManifestError("no manifest files found")
+    _check_unique(all_ids, files)
+    return ManifestPlan(files=files, shards=shards, total_rows=total, schema=schema)
+
+
+def _check_unique(all_ids: list[pa.ChunkedArray], files: list[str]) -> None:
+    """Ids must be unique across all files (the output is joined on them)."""
+    if not all_ids:
+        return
+    ids = pa.chunked_array([c for a in all_ids for c in a.chunks], type=pa.string())
+    counts = pc.value_counts(ids)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        value = dup.field("values")[0].as_py()
+        where = [f for f, a in zip(files, all_ids, strict=True) if pc.any(pc.equal(a, value)).as_py()]
+        raise ManifestError(
+            f"manifest column 'id' must be unique: {len(dup)} ids repeat, e.g. {value!r} "
+            f"(x{dup.field('counts')[0].as_py()}) in {', '.join(where)}"
+        )
+
+
+def read_rows(shard: Shard, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+    """Rows [start, end) of the shard's manifest file, plus `row` (index within the file).
+
+    Only the row groups that overlap the range are read.
+    """
+    fs, path = filesystem(shard.path, storage)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        groups, offset, first = [], 0, None
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset < shard.end and offset + n > shard.start:
+                groups.append(i)
+                first = offset if first is None else first
+            offset += n
+        if columns is not None:
+            columns = [c for c in columns if c in pf.schema_arrow.names]
+        table = pf.read_row_groups(groups, columns=columns)
+    table = table.slice(shard.start - (first or 0), shard.num_rows)
+    rows = pa.array(range(shard.start, shard.end), type=pa.int64())
+    return table.append_column("row", rows)

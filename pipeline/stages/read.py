@@ -1,0 +1,112 @@
+"""Stage 1, read: shard descriptors -> manifest rows in their in-flight form.
+
+Input columns:  shard_id, path, start, end (one row per shard, from `manifest.plan`)
+Output columns: shard, row, id, image, image_bytes, questions, question_errors,
+                history_queries, history_answers, status, error
+
+Questions are cleaned here (zero-width and control characters, bad UTF-8, lone surrogates,
+length) so that later stages and the Parquet writer only ever see safe text. A row whose every
+question is unusable ends as `invalid_question` and is never fetched.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline import manifest as m
+from pipeline.columns import INVALID_QUESTION, OK, STRING_LIST, check_columns
+from pipeline.config import JobConfig
+from pipeline.manifest import Shard
+from pipeline.text import clean_text
+
+INPUT_COLUMNS = {
+    "shard_id": "output shard id",
+    "path": "manifest file URI",
+    "start": "first row (inclusive)",
+    "end": "last row (exclusive)",
+}
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("row", pa.int64()),
+        ("id", pa.string()),
+        ("image", pa.string()),
+        ("image_bytes", pa.binary()),
+        ("questions", STRING_LIST),
+        ("question_errors", STRING_LIST),
+        ("history_queries", STRING_LIST),
+        ("history_answers", STRING_LIST),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+_READ_COLUMNS = list(m.KNOWN_COLUMNS)
+
+
+class ReadStage:
+    """Reads each shard's rows from its manifest file (only the needed columns)."""
+
+    def __init__(self, job: JobConfig):
+        self.job = job
+        self.max_chars = job.task.max_question_chars
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        check_columns("ReadStage", batch, INPUT_COLUMNS)
+        tables = [self._read_shard(Shard(**d)) for d in batch.to_pylist()]
+        return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+
+    def _questions(self, row: dict) -> list[str | None]:
+        if self.job.task.kind == "caption":
+            return [self.job.task.caption_prompt]
+        if row.get(m.QUESTIONS) is not None:
+            return list(row[m.QUESTIONS])
+        if row.get(m.QUESTION) is not None:
+            return [row[m.QUESTION]]
+        return []
+
+    def _clean_row(self, row: dict) -> dict:
+        questions, errors = [], []
+        raw = self._questions(row)
+        if not raw:
+            raw, errors = [""], ["the row has no question"]
+        else:
+            for q in raw:
+                text, problem = clean_text(q, self.max_chars)
+                questions.append(text or "")
+                errors.append(problem)
+        hq, ha = row.get(m.HISTORY_QUERIES) or [], row.get(m.HISTORY_ANSWERS) or []
+        history_problem = None
+        if len(hq) != len(ha):
+            history_problem = f"history has {len(hq)} queries but {len(ha)} answers"
+        hq = [clean_text(q, self.max_chars)[0] or "" for q in hq]
+        ha = [clean_text(a, self.max_chars * 4)[0] or "" for a in ha]
+        if history_problem:
+            errors = [history_problem] * len(raw)
+        if len(questions) < len(raw):
+            questions = [""] * len(raw)
+        failed = all(e is not None for e in errors)
+        return {
+            "questions": questions,
+            "question_errors": errors,
+            "history_queries": hq,
+            "history_answers": ha,
+            "status": INVALID_QUESTION if failed else OK,
+            "error": "; ".join(sorted({e for e in errors if e})) if failed else None,
+        }
+
+    def _read_shard(self, shard: Shard) -> pa.Table:
+        table = m.read_rows(shard, self.job.storage, columns=_READ_COLUMNS)
+        rows = []
+        for row in table.to_pylist():
+            out = {
+                "shard": shard.shard_id,
+                "row": row["row"],
+                "id": row[m.ID],
+                "image": row.get(m.IMAGE),
+                "image_bytes": row.get(m.IMAGE_BYTES),
+            }
+            out.update(self._clean_row(row))
+            rows.append(out)
+        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
