@@ -1,0 +1,404 @@
+"""A self-contained HTML report of one run's output: summary, charts, gallery, failures.
+
+    ziya-batch report OUTPUT_URI --out report.html [--sample 200] [--endpoint-url URL]
+
+Reads the output layout (see ARCHITECTURE.md, "Output layout") from local disk or object
+storage through fsspec. Only committed shards count (a `.parquet` whose `.stats.json` exists),
+so a run still in progress, or interrupted, is reported from what is committed.
+
+The page has no external assets and makes no requests: CSS and JS are inline, charts are SVG
+drawn here, thumbnails are base64 JPEGs. Every value from the data (answers, questions, errors,
+ids, pass-through columns) is untrusted text: it is HTML-escaped, and the little data handed to
+the page's script is JSON with `<`, `>`, `&`, U+2028 and U+2029 escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import heapq
+import html
+import io
+import json
+import re
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.core import split_protocol
+from PIL import Image, ImageOps
+
+# Output columns every shard has; anything else is a manifest pass-through column.
+CORE_COLUMNS = ("id", "task", "question_index", "question", "answer", "status", "error",
+                "num_tokens", "latency_s", "model", "generation", "row_key")  # fmt: skip
+MAX_FAILED_LISTED = 1000
+THUMB_PX = 160
+MAX_THUMB_SOURCE_BYTES = 64 * 1024 * 1024  # a bigger object is not worth decoding for a thumbnail
+MAX_CELL_CHARS = 2000  # a pass-through value or error longer than this is cut in the page
+
+
+@dataclass
+class RunData:
+    """What the report shows, gathered in one streaming pass over the committed shards."""
+
+    output: str
+    shards: list[str]
+    stats: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    finished: bool
+    rows: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    answer_chars: list[np.ndarray] = field(default_factory=list)
+    row_latency: list[np.ndarray] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    failed_total: int = 0
+    sample: list[dict[str, Any]] = field(default_factory=list)
+    extra_columns: list[str] = field(default_factory=list)
+    model: str | None = None
+    generation: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _storage_options(uri: str, endpoint_url: str | None) -> dict[str, Any]:
+    """fsspec options: only the endpoint travels; credentials come from the default chain."""
+    proto, _ = split_protocol(uri)
+    if proto in ("s3", "s3a") and endpoint_url:
+        return {"client_kwargs": {"endpoint_url": endpoint_url}}
+    return {}
+
+
+def committed_shards(fs: Any, root: str) -> list[str]:
+    """Shard ids whose `.stats.json` commit marker exists beside their `.parquet`, sorted."""
+    try:
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/shards", detail=False)}
+    except FileNotFoundError:
+        return []
+    return sorted(
+        n[: -len(".stats.json")]
+        for n in names
+        if n.endswith(".stats.json") and n[: -len(".stats.json")] + ".parquet" in names
+    )
+
+
+def load_run(
+    output_uri: str, sample: int, endpoint_url: str | None = None, seed: int = 0
+) -> RunData:
+    """Read every committed shard once, keeping counts, distributions and a bounded sample.
+
+    The sample is bottom-k by a per-row random key seeded from (seed, shard id), kept
+    separately for failed and ok rows, so it is deterministic, independent of shard order,
+    and needs memory for `sample` rows only.
+    """
+    fs, root = fsspec.core.url_to_fs(output_uri, **_storage_options(output_uri, endpoint_url))
+    root = root.rstrip("/")
+    shards = committed_shards(fs, root)
+    summary = None
+    if fs.exists(f"{root}/summary.json"):
+        summary = json.loads(fs.cat_file(f"{root}/summary.json"))
+    run = RunData(
+        output_uri, shards, [], summary, summary is not None and fs.exists(f"{root}/_SUCCESS")
+    )
+    best: dict[bool, list[tuple[float, int, int, dict]]] = {True: [], False: []}
+    for si, shard in enumerate(shards):
+        try:
+            stats = json.loads(fs.cat_file(f"{root}/shards/{shard}.stats.json"))
+            with fs.open(f"{root}/shards/{shard}.parquet", "rb") as f:
+                table = pq.read_table(f)
+        except (OSError, ValueError) as e:
+            run.warnings.append(f"shard {shard} unreadable, skipped: {type(e).__name__}: {e}")
+            continue
+        run.stats.append(stats)
+        table = table.drop_columns(
+            [c for c in ("image_bytes", "pixels") if c in table.column_names]
+        )
+        run.extra_columns = [c for c in table.column_names if c not in CORE_COLUMNS]
+        n = table.num_rows
+        run.rows += n
+        if n == 0:
+            continue
+        status = table.column("status").to_numpy(zero_copy_only=False).astype(str)
+        run.statuses.update(Counter(status.tolist()))
+        ok = status == "ok"
+        answer = table.column("answer")
+        if pa.types.is_null(answer.type):  # a shard where every answer is null
+            answer = answer.cast(pa.string())
+        answers = pc.fill_null(pc.utf8_length(answer), 0).to_numpy()
+        run.answer_chars.append(answers[ok])
+        if "latency_s" in table.column_names:
+            lat = pc.fill_null(table.column("latency_s"), np.nan).to_numpy(zero_copy_only=False)
+            run.row_latency.append(lat[~np.isnan(lat)])
+        if run.model is None and "model" in table.column_names:
+            run.model, run.generation = table.column("model")[0].as_py(), None
+            if "generation" in table.column_names:
+                run.generation = table.column("generation")[0].as_py()
+        failed_idx = np.flatnonzero(~ok)
+        run.failed_total += len(failed_idx)
+        room = MAX_FAILED_LISTED - len(run.failed)
+        if room > 0 and len(failed_idx):
+            run.failed.extend(table.take(failed_idx[:room]).to_pylist())
+        keys = np.random.default_rng([seed, zlib.crc32(shard.encode())]).random(n)
+        for is_ok in (True, False):
+            idx = np.flatnonzero(ok == is_ok)
+            idx = idx[np.argsort(keys[idx], kind="stable")[:sample]]
+            rows = table.take(idx).to_pylist() if len(idx) else []
+            cand = [(float(keys[i]), si, int(i), r) for i, r in zip(idx, rows, strict=True)]
+            best[is_ok] = heapq.nsmallest(sample, best[is_ok] + cand, key=lambda t: t[:3])
+    # Failed rows take up to half the gallery (or more when there are too few ok rows) so
+    # that failures are always visible in it.
+    n_failed = min(len(best[False]), max(sample // 2, sample - len(best[True])))
+    chosen = best[False][:n_failed] + best[True][: sample - n_failed]
+    run.sample = [r for *_, r in sorted(chosen, key=lambda t: (t[1], t[2]))]
+    return run
+
+
+def _epoch(value: Any) -> float | None:
+    """`committed_at` as seconds since the epoch (a number, or an ISO 8601 string)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def summarize(run: RunData) -> dict[str, Any]:
+    """The run's headline numbers: summary.json of a finished run, else computed from stats."""
+    if run.finished and run.summary is not None:
+        return {**run.summary, "source": "summary.json"}
+    tokens = sum(int(s.get("tokens") or 0) for s in run.stats)
+    rows_in = sum(int(s.get("input_rows") or 0) for s in run.stats)
+    ends = [_epoch(s.get("committed_at")) for s in run.stats]
+    if run.stats and all(e is not None for e in ends):
+        starts = [e - float(s.get("duration_s") or 0) for e, s in zip(ends, run.stats, strict=True)]
+        wall = max(ends) - min(starts)  # type: ignore[type-var]
+    else:
+        wall = sum(float(s.get("duration_s") or 0) for s in run.stats)
+    statuses: Counter = Counter()
+    for s in run.stats:
+        statuses.update({k: int(v) for k, v in (s.get("statuses") or {}).items()})
+    return {
+        "rows_in": rows_in,
+        "rows_out": sum(int(s.get("rows") or 0) for s in run.stats),
+        "statuses": dict(statuses),
+        "images_per_s": rows_in / wall if wall > 0 else None,
+        "tokens_per_s": tokens / wall if wall > 0 else None,
+        "wall_s": wall,
+        "output": run.output,
+        "model": run.model,
+        "generation": run.generation,
+        "shards_committed": len(run.stats),
+        "source": f"computed from {len(run.stats)} committed shards' stats files",
+    }
+
+
+def _esc(value: Any, limit: int = MAX_CELL_CHARS) -> str:
+    """HTML-escape any value as text, cut to `limit` characters."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    if len(text) > limit:
+        text = text[:limit] + f"… ({len(text) - limit} more characters)"
+    return html.escape(text, quote=True)
+
+
+def _script_json(data: Any) -> str:
+    """JSON that is safe inside a <script> element (no `</script>`, `<!--`, or JS line breaks)."""
+    text = json.dumps(data, ensure_ascii=False)
+    for ch, rep in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):  # fmt: skip
+        text = text.replace(ch, rep)
+    return text
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else _esc(value) or "–"
+
+
+def bar_chart(counts: dict[str, int], title: str) -> str:
+    """Horizontal SVG bar chart of status counts."""
+    if not counts:
+        return (
+            f'<figure><figcaption>{_esc(title)}</figcaption><p class="muted">no rows</p></figure>'
+        )
+    top, bar_h, width = max(counts.values()) or 1, 22, 560
+    items = sorted(counts.items(), key=lambda kv: (kv[0] != "ok", -kv[1], kv[0]))
+    parts = []
+    for i, (name, n) in enumerate(items):
+        y, w = i * (bar_h + 6), max(1.0, 360 * n / top)
+        cls = "ok" if name == "ok" else "bad"
+        parts.append(
+            f'<text x="150" y="{y + 16}" text-anchor="end">{_esc(name, 40)}</text>'
+            f'<rect class="{cls}" x="156" y="{y}" width="{w:.1f}" height="{bar_h}"/>'
+            f'<text x="{160 + w:.1f}" y="{y + 16}">{n:,}</text>'
+        )
+    h = len(items) * (bar_h + 6)
+    return (f'<figure><figcaption>{_esc(title)}</figcaption><svg class="chart" role="img" '
+            f'viewBox="0 0 {width} {h}" width="{width}" height="{h}">{"".join(parts)}</svg></figure>')  # fmt: skip
+
+
+def histogram(values: np.ndarray, title: str, unit: str, bins: int = 20) -> str:
+    """Vertical SVG histogram with the value range and the tallest bin's count labelled."""
+    if values.size == 0:
+        return (
+            f'<figure><figcaption>{_esc(title)}</figcaption><p class="muted">no data</p></figure>'
+        )
+    counts, edges = np.histogram(values, bins=bins)
+    width, height, left, bottom = 560, 180, 40, 20
+    bw, top = (width - left) / bins, int(counts.max()) or 1
+    bars = "".join(
+        f'<rect class="ok" x="{left + i * bw + 1:.1f}" y="{height - bottom - (height - bottom - 10) * c / top:.1f}" '
+        f'width="{bw - 2:.1f}" height="{(height - bottom - 10) * c / top:.1f}"><title>'
+        f"{edges[i]:.3g}–{edges[i + 1]:.3g} {_esc(unit)}: {c}</title></rect>"
+        for i, c in enumerate(counts)
+    )
+    axis = (
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
+        f'<text x="{left}" y="{height - 4}">{edges[0]:.3g}</text>'
+        f'<text x="{width}" y="{height - 4}" text-anchor="end">{edges[-1]:.3g} {_esc(unit)}</text>'
+        f'<text x="{left - 4}" y="18" text-anchor="end">{top}</text>'
+    )
+    caption = f"{_esc(title)} — n={values.size:,}, median {np.median(values):.3g} {_esc(unit)}"
+    return (f'<figure><figcaption>{caption}</figcaption><svg class="chart" role="img" '
+            f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">{bars}{axis}</svg></figure>')  # fmt: skip
+
+
+def thumbnail(uri: str | None, endpoint_url: str | None = None) -> tuple[str | None, str]:
+    """A ~160px base64 JPEG data URI of the image at `uri`, or (None, why there is none)."""
+    if not uri:
+        return None, "no image URI"
+    if split_protocol(uri)[0] not in (None, "file", "s3", "s3a", "gs", "gcs"):
+        return None, "not fetched (remote URL)"
+    try:
+        with fsspec.open(uri, "rb", **_storage_options(uri, endpoint_url)) as f:
+            data = f.read(MAX_THUMB_SOURCE_BYTES + 1)
+        if len(data) > MAX_THUMB_SOURCE_BYTES:
+            return None, "image too large for a thumbnail"
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))  # JPEG: decode at reduced scale
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((THUMB_PX, THUMB_PX))
+            out = io.BytesIO()
+            im.save(out, "JPEG", quality=70)
+    except Exception as e:  # any unreadable image becomes a placeholder, never a failed report
+        return None, f"{type(e).__name__}: {e}"[:200]
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode(), ""
+
+
+def gallery(run: RunData, endpoint_url: str | None = None) -> str:
+    """One <article> per sampled row: thumbnail, id, question, answer, status, error, extras."""
+    uris = sorted({r.get("image") for r in run.sample if isinstance(r.get("image"), str)})
+    with ThreadPoolExecutor(max_workers=8) as pool:  # object storage reads are latency-bound
+        thumbs = dict(zip(uris, pool.map(lambda u: thumbnail(u, endpoint_url), uris), strict=True))
+    items = []
+    for r in run.sample:
+        src, why = thumbs.get(r.get("image"), (None, "no image URI"))
+        img = (f'<img src="{src}" alt="">' if src else
+               f'<div class="placeholder" title="{_esc(why)}">no image<br><small>{_esc(why, 80)}</small></div>')  # fmt: skip
+        status = str(r.get("status"))
+        extras = "".join(
+            f"<dt>{_esc(c)}</dt><dd>{_esc(r.get(c), 300)}</dd>"
+            for c in run.extra_columns
+            if r.get(c) not in (None, "", [])
+        )
+        err = f'<p class="error">{_esc(r.get("error"))}</p>' if r.get("error") else ""
+        items.append(
+            f'<article class="item {"ok" if status == "ok" else "bad"}" data-status="{_esc(status)}">'
+            f'{img}<div class="body"><p class="meta"><span class="status">{_esc(status)}</span> '
+            f'<span class="id">{_esc(r.get("id"))}</span></p>'
+            f'<p class="question">{_esc(r.get("question"))}</p>'
+            f'<p class="answer">{_esc(r.get("answer"))}</p>{err}<dl>{extras}</dl></div></article>'
+        )
+    return "\n".join(items)
+
+
+def failed_table(run: RunData) -> str:
+    """Every failed row (up to MAX_FAILED_LISTED) with its status and error."""
+    if not run.failed_total:
+        return '<p class="muted">no failed rows</p>'
+    shown = f" (first {len(run.failed):,} listed)" if run.failed_total > len(run.failed) else ""
+    rows = "".join(
+        f"<tr><td>{_esc(r.get('id'))}</td><td>{_esc(r.get('status'))}</td>"
+        f"<td>{_esc(r.get('error'))}</td><td>{_esc(r.get('image'), 300)}</td></tr>"
+        for r in run.failed
+    )
+    return (f'<p><b id="failed-count">{run.failed_total:,}</b> failed rows{shown}</p><table class="failed">'
+            f"<tr><th>id</th><th>status</th><th>error</th><th>image</th></tr>{rows}</table>")  # fmt: skip
+
+
+def render(run: RunData, endpoint_url: str | None = None) -> str:
+    """The whole page: the template with each {{slot}} filled in one pass."""
+    s = summarize(run)
+    banner = (f'<div class="banner done">finished: {len(run.stats)} shards committed</div>'
+              if run.finished else
+              f'<div class="banner progress">run in progress or interrupted: {len(run.stats)} '
+              "shards committed (no _SUCCESS/summary.json yet); figures below are from what is committed</div>")  # fmt: skip
+    banner += "".join(f'<div class="banner warn">{_esc(w)}</div>' for w in run.warnings)
+    gen = s.get("generation")
+    if isinstance(gen, str):
+        with contextlib.suppress(ValueError):  # not JSON: shown as the string it is
+            gen = json.loads(gen)
+    statuses = dict(s.get("statuses") or run.statuses)
+    facts = [
+        ("rows in / out", f"{_num(s.get('rows_in'), 0)} / {_num(s.get('rows_out'), 0)}"),
+        ("rows by status", _esc(", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())))),
+        ("images/s", _num(s.get("images_per_s"))),
+        ("tokens/s", _num(s.get("tokens_per_s"))),
+        ("wall time (s)", _num(s.get("wall_s"), 1)),
+        ("model", _esc(s.get("model"))),
+        ("task", _esc(s.get("task"))),
+        ("generation", _esc(gen)),
+        ("shards committed", _num(len(run.stats), 0)),
+        ("output", _esc(run.output)),
+        ("source", _esc(s["source"])),
+    ]
+    batch_lat = [float(x) for st in run.stats for x in (st.get("batch_latency_s") or [])]
+    lat = np.asarray(batch_lat) if batch_lat else np.concatenate([np.zeros(0), *run.row_latency])
+    lat_title = "per-batch latency" if batch_lat else "per-row latency"
+    charts = (bar_chart(dict(run.statuses), "rows by status (committed shards)")
+              + histogram(np.concatenate([np.zeros(0), *run.answer_chars]), "answer length (ok rows)", "chars")
+              + histogram(lat, lat_title, "s"))  # fmt: skip
+    sample_statuses = Counter(str(r.get("status")) for r in run.sample)
+    buttons = '<button type="button" class="filter active" data-status="">all</button>' + "".join(
+        f'<button type="button" class="filter" data-status="{_esc(k)}">{_esc(k)} ({v})</button>'
+        for k, v in sorted(sample_statuses.items(), key=lambda kv: (kv[0] != "ok", kv[0]))
+    )
+    slots = {
+        "title": _esc(f"ziya-batch report — {run.output}"),
+        "banner": banner,
+        "summary": "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts),
+        "charts": charts,
+        "filters": buttons,
+        "sample_size": f"{len(run.sample):,} of {run.rows:,}",
+        "gallery": gallery(run, endpoint_url),
+        "failed": failed_table(run),
+        "data": _script_json({"sample": len(run.sample), "statuses": dict(sample_statuses)}),
+    }
+    template = resources.files("pipeline").joinpath("report_template.html").read_text("utf-8")
+    # One pass, so a slot's content (untrusted text included) is never scanned for slots again.
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: slots[m.group(1)], template)
+
+
+def write_report(
+    output_uri: str,
+    out_path: str | Path,
+    sample: int = 200,
+    endpoint_url: str | None = None,
+    seed: int = 0,
+) -> str:
+    """Write the HTML report of the run at `output_uri` to the local file `out_path`."""
+    run = load_run(output_uri, max(0, sample), endpoint_url=endpoint_url, seed=seed)
+    page = render(run, endpoint_url)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return str(out)

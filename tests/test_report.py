@@ -1,0 +1,152 @@
+"""The HTML run report without a browser: layout reading, sampling, escaping, S3.
+
+python -m pytest tests/test_report.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from pipeline.report import _script_json, load_run, write_report
+from tests.support.run_layout import INJECTION, MODEL, Layout, write_layout
+
+
+class _Page(HTMLParser):
+    """The elements of a page, as (tag, attrs) pairs, and the text of each gallery item."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.item_ids: list[str] = []
+        self._in_id = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.elements.append((tag, a))
+        self._in_id = tag == "span" and a.get("class") == "id"
+
+    def handle_data(self, data):
+        if self._in_id:
+            self.item_ids.append(data)
+            self._in_id = False
+
+    def items(self) -> list[dict]:
+        return [a for t, a in self.elements if t == "article" and "item" in (a.get("class") or "")]
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return write_layout(tmp_path / "out", tmp_path / "images")
+
+
+def _report(uri: str, tmp_path: Path, **kw) -> tuple[str, _Page]:
+    path = write_report(uri, tmp_path / "report.html", **kw)
+    text = Path(path).read_text("utf-8")
+    return text, _Page(text)
+
+
+def test_finished_run_gallery_escaping_and_self_contained(layout: Layout, tmp_path: Path):
+    text, page = _report(str(layout.out), tmp_path, sample=1000)
+
+    # Every committed row is in the gallery; the uncommitted shard's rows are nowhere.
+    assert len(page.items()) == len(layout.rows)
+    assert sorted(page.item_ids) == sorted(r["id"] for r in layout.rows)
+    for rid in layout.uncommitted_ids:
+        assert rid not in text
+    statuses = [a["data-status"] for a in page.items()]
+    assert {s: statuses.count(s) for s in set(statuses)} == dict(layout.statuses)
+
+    # The injection is text: escaped in the source, and no element or handler came from it.
+    assert INJECTION.replace("{{gallery}}", "") not in text
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in text
+    assert "&lt;/script&gt;&lt;marquee&gt;moving pass-through&lt;/marquee&gt;" in text
+    assert "{{gallery}}" in text  # an answer's slot-like text is not expanded
+    assert [t for t, _ in page.elements if t == "script"] == ["script", "script"]
+    assert not [a for _, a in page.elements if any(k.startswith("on") for k in a)]
+    assert "marquee" not in [t for t, _ in page.elements]
+
+    # Self-contained: every image is an inline thumbnail, nothing points outside the file.
+    imgs = [a["src"] for t, a in page.elements if t == "img"]
+    readable = [r for r in layout.rows if r["status"] in ("ok", "invalid_question")]
+    assert len(imgs) == len(readable) and all(s.startswith("data:image/jpeg;base64,") for s in imgs)
+    assert text.count('class="placeholder"') == len(layout.rows) - len(readable)
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert "<link" not in text and "@import" not in text
+
+    # Summary from summary.json; all failed rows listed with their errors.
+    assert "finished: 2 shards committed" in text
+    assert "in progress" not in text and "source</th><td>summary.json" in text
+    assert MODEL in text and "31.50" in text  # tokens_per_s from the summary
+    failed = [r for r in layout.rows if r["status"] != "ok"]
+    assert f'<b id="failed-count">{len(failed)}</b>' in text
+    for r in failed:
+        assert r["error"] in text
+    assert text.count("<svg") == 3  # status bars, answer lengths, batch latencies
+
+
+def test_in_progress_run_is_reported_from_committed_shards(tmp_path: Path):
+    layout = write_layout(tmp_path / "out", tmp_path / "images", finished=False)
+    text, page = _report(str(layout.out), tmp_path, sample=1000)
+    assert "run in progress or interrupted: 2 shards committed" in text
+    assert len(page.items()) == len(layout.rows)
+    # Figures come from the stats files: 24 input rows over 2 shards spanning 4 s.
+    assert "computed from 2 committed shards" in text
+    assert "24 / 24" in text and "6.00" in text  # rows in/out, images/s
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(layout.statuses.items()))
+    assert counts in text
+
+
+def test_sample_is_seeded_and_prefers_failed_rows(layout: Layout):
+    n_failed = len(layout.rows) - layout.count("ok")
+    runs = [load_run(str(layout.out), sample=4, seed=s) for s in (0, 0, 1)]
+    ids = [[r["id"] for r in run.sample] for run in runs]
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+    for run in runs:
+        # Half the gallery is failed rows although they are 6 of 24.
+        assert sum(r["status"] != "ok" for r in run.sample) == 2 < n_failed
+        assert run.failed_total == n_failed and run.rows == len(layout.rows)
+    # Fewer ok rows than room: failed rows fill the rest.
+    assert len(load_run(str(layout.out), sample=22).sample) == 22
+
+
+def test_empty_output_and_script_json_escaping(tmp_path: Path):
+    text, page = _report(str(tmp_path / "nothing"), tmp_path)
+    assert "run in progress or interrupted: 0 shards committed" in text and not page.items()
+    payload = {"s": "</script><!-- \u2028 \u2029 & >"}
+    encoded = _script_json(payload)
+    assert "<" not in encoded and ">" not in encoded and "\u2028" not in encoded
+    assert json.loads(encoded) == payload
+
+
+def test_cli_writes_report(layout: Layout, tmp_path: Path, capsys):
+    pytest.importorskip("jobs.submit", reason="jobs/submit.py (imported by the CLI) not there yet")
+    from jobs.cli import main
+
+    out = tmp_path / "sub" / "r.html"
+    assert main(["report", str(layout.out), "--out", str(out), "--sample", "5"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert len(_Page(out.read_text("utf-8")).items()) == 5
+
+
+def test_report_from_s3(tmp_path: Path):
+    """Output and images in a moto S3 server over HTTP on 127.0.0.1, reached via --endpoint-url."""
+    from tests.support.s3 import aws_env, moto_s3
+
+    layout = write_layout(tmp_path / "out", tmp_path / "images", image_prefix="s3://runs/images")
+    with moto_s3(set_env=False) as s3, aws_env():  # credentials only: the endpoint is the flag
+        s3.create_bucket("runs")
+        s3.upload_dir(layout.out, "runs", "job1/")
+        s3.upload_dir(tmp_path / "images", "runs", "images/")
+        text, page = _report("s3://runs/job1", tmp_path, sample=1000, endpoint_url=s3.endpoint_url)
+    assert len(page.items()) == len(layout.rows)
+    for rid in layout.uncommitted_ids:
+        assert rid not in text
+    readable = [r for r in layout.rows if r["status"] in ("ok", "invalid_question")]
+    assert text.count("data:image/jpeg;base64,") == len(readable)
+    assert "finished: 2 shards committed" in text
