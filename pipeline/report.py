@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Output columns every shard has; anything else is a manifest pass-through column.
 CORE_COLUMNS = ("id", "task", "question_index", "question", "answer", "status", "error",
@@ -289,6 +289,10 @@ def thumbnail(uri: str | None, endpoint_url: str | None = None) -> tuple[str | N
             im.thumbnail((THUMB_PX, THUMB_PX))
             out = io.BytesIO()
             im.save(out, "JPEG", quality=70)
+    except FileNotFoundError:
+        return None, "image not found"
+    except UnidentifiedImageError:
+        return None, "not a decodable image"
     except Exception as e:  # any unreadable image becomes a placeholder, never a failed report
         return None, f"{type(e).__name__}: {e}"[:200]
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode(), ""

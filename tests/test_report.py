@@ -76,6 +76,7 @@ def test_finished_run_gallery_escaping_and_self_contained(layout: Layout, tmp_pa
     readable = [r for r in layout.rows if r["status"] in ("ok", "invalid_question")]
     assert len(imgs) == len(readable) and all(s.startswith("data:image/jpeg;base64,") for s in imgs)
     assert text.count('class="placeholder"') == len(layout.rows) - len(readable)
+    assert "image not found" in text and "not a decodable image" in text  # placeholder reasons
     assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
     assert "<link" not in text and "@import" not in text
 

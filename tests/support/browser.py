@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ELEMENT_KEY = "element-6066-11e4-a52a-4cf35d2d1d0e"  # the W3C web element identifier
+ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"  # the W3C web element identifier
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
