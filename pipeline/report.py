@@ -38,9 +38,11 @@ import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Output columns every shard has; anything else is a manifest pass-through column.
+# Output columns every shard has (pipeline/writer.py); anything else is a manifest pass-through
+# column, shown under each gallery item.
 CORE_COLUMNS = ("id", "task", "question_index", "question", "answer", "status", "error",
-                "num_tokens", "latency_s", "model", "generation", "row_key")  # fmt: skip
+                "num_tokens", "latency_s", "model", "generation", "row_key", "image_identity",
+                "manifest_row")  # fmt: skip
 MAX_FAILED_LISTED = 1000
 THUMB_PX = 160
 MAX_THUMB_SOURCE_BYTES = 64 * 1024 * 1024  # a bigger object is not worth decoding for a thumbnail
@@ -90,6 +92,26 @@ def committed_shards(fs: Any, root: str) -> list[str]:
     )
 
 
+def _run_root(fs: Any, root: str) -> tuple[str, str | None]:
+    """The directory holding `shards/`: OUT itself, or for an incremental output (which has
+    OUT/runs/<run_id>/ instead) its latest run, with a note saying so."""
+    if fs.exists(f"{root}/shards") or not fs.exists(f"{root}/runs"):
+        return root, None
+    runs = []
+    for entry in fs.ls(f"{root}/runs", detail=False):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            started = float(json.loads(fs.cat_file(f"{entry.rstrip('/')}/run.json"))["started_at"])
+            runs.append((started, entry.rstrip("/")))
+    if not runs:
+        return root, None
+    latest = max(runs)[1]
+    name = latest.rsplit("/", 1)[-1]
+    return latest, (
+        f"incremental output with {len(runs)} runs: this report shows the latest, {name} "
+        "(pass OUTPUT/runs/<run_id> for another)"
+    )
+
+
 def load_run(
     output_uri: str, sample: int, endpoint_url: str | None = None, seed: int = 0
 ) -> RunData:
@@ -100,7 +122,7 @@ def load_run(
     and needs memory for `sample` rows only.
     """
     fs, root = fsspec.core.url_to_fs(output_uri, **_storage_options(output_uri, endpoint_url))
-    root = root.rstrip("/")
+    root, note = _run_root(fs, root.rstrip("/"))
     shards = committed_shards(fs, root)
     summary = None
     if fs.exists(f"{root}/summary.json"):
@@ -108,6 +130,8 @@ def load_run(
     run = RunData(
         output_uri, shards, [], summary, summary is not None and fs.exists(f"{root}/_SUCCESS")
     )
+    if note:
+        run.warnings.append(note)
     best: dict[bool, list[tuple[float, int, int, dict]]] = {True: [], False: []}
     for si, shard in enumerate(shards):
         try:

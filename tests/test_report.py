@@ -151,3 +151,17 @@ def test_report_from_s3(tmp_path: Path):
     readable = [r for r in layout.rows if r["status"] in ("ok", "invalid_question")]
     assert text.count("data:image/jpeg;base64,") == len(readable)
     assert "finished: 2 shards committed" in text
+
+
+def test_incremental_output_reports_latest_run(tmp_path: Path):
+    """OUT/runs/<run_id>/ (incremental mode): the latest run by its run.json start time."""
+    out = tmp_path / "out"
+    older = write_layout(out / "runs" / "aaa", tmp_path / "img1", finished=False)
+    newer = write_layout(out / "runs" / "bbb", tmp_path / "img2")
+    (out / "runs" / "aaa" / "run.json").write_text(json.dumps({"started_at": 100.0}))
+    (out / "runs" / "bbb" / "run.json").write_text(json.dumps({"started_at": 200.0}))
+    (out / "runs" / "bbb" / "shards" / f"{newer.shard_ids[0]}.stats.json").unlink()
+    text, page = _report(str(out), tmp_path, sample=1000)
+    assert "incremental output with 2 runs: this report shows the latest, bbb" in text
+    assert len(page.items()) == 12 == len(older.rows) // 2  # bbb's second shard only
+    assert "finished: 1 shards committed" in text
