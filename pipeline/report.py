@@ -22,7 +22,8 @@ import io
 import json
 import re
 import zlib
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -112,6 +113,31 @@ def _run_root(fs: Any, root: str) -> tuple[str, str | None]:
     )
 
 
+def _read_shards(fs: Any, root: str, shards: list[str], window: int = 8) -> Iterator[Any]:
+    """(stats, table) per shard in order, or the exception that made it unreadable.
+
+    Reads run `window` ahead on threads (object storage is latency-bound); the window bounds
+    how many shards sit in memory at once.
+    """
+
+    def read(shard: str) -> Any:
+        try:
+            stats = json.loads(fs.cat_file(f"{root}/shards/{shard}.stats.json"))
+            data = fs.cat_file(f"{root}/shards/{shard}.parquet")
+            return stats, pq.read_table(pa.BufferReader(data))
+        except (OSError, ValueError) as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        pending: deque = deque()
+        for shard in shards:
+            pending.append(pool.submit(read, shard))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def load_run(
     output_uri: str, sample: int, endpoint_url: str | None = None, seed: int = 0
 ) -> RunData:
@@ -133,14 +159,11 @@ def load_run(
     if note:
         run.warnings.append(note)
     best: dict[bool, list[tuple[float, int, int, dict]]] = {True: [], False: []}
-    for si, shard in enumerate(shards):
-        try:
-            stats = json.loads(fs.cat_file(f"{root}/shards/{shard}.stats.json"))
-            with fs.open(f"{root}/shards/{shard}.parquet", "rb") as f:
-                table = pq.read_table(f)
-        except (OSError, ValueError) as e:
-            run.warnings.append(f"shard {shard} unreadable, skipped: {type(e).__name__}: {e}")
+    for si, (shard, got) in enumerate(zip(shards, _read_shards(fs, root, shards), strict=True)):
+        if isinstance(got, Exception):
+            run.warnings.append(f"shard {shard} unreadable, skipped: {type(got).__name__}: {got}")
             continue
+        stats, table = got
         run.stats.append(stats)
         table = table.drop_columns(
             [c for c in ("image_bytes", "pixels") if c in table.column_names]
@@ -375,10 +398,16 @@ def render(run: RunData, endpoint_url: str | None = None) -> str:
     if isinstance(gen, str):
         with contextlib.suppress(ValueError):  # not JSON: shown as the string it is
             gen = json.loads(gen)
-    statuses = dict(s.get("statuses") or run.statuses)
+    by_status = ", ".join(f"{k}: {v:,}" for k, v in sorted(run.statuses.items()))
+    # summary.json counts the last invocation only (a resumed run skips committed shards), so
+    # the row counts by status always come from the committed shards themselves.
     facts = [
-        ("rows in / out", f"{_num(s.get('rows_in'), 0)} / {_num(s.get('rows_out'), 0)}"),
-        ("rows by status", _esc(", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())))),
+        ("rows in output", f"{run.rows:,}"),
+        ("rows by status", _esc(by_status)),
+        (
+            "rows in / out (this run)" if run.finished else "rows in / out",
+            f"{_num(s.get('rows_in'), 0)} / {_num(s.get('rows_out'), 0)}",
+        ),
         ("images/s", _num(s.get("images_per_s"))),
         ("tokens/s", _num(s.get("tokens_per_s"))),
         ("wall time (s)", _num(s.get("wall_s"), 1)),

@@ -103,6 +103,16 @@ def test_in_progress_run_is_reported_from_committed_shards(tmp_path: Path):
     assert counts in text
 
 
+def test_unreadable_shard_is_named_and_skipped(layout: Layout, tmp_path: Path):
+    shards = layout.out / "shards"
+    bad = next(p for p in shards.glob("*.parquet") if not p.with_suffix(".stats.json").exists())
+    bad.write_bytes(b"PAR1 truncated")
+    bad.with_suffix(".stats.json").write_text("{}")  # committed, but its rows cannot be read
+    text, page = _report(str(layout.out), tmp_path, sample=1000)
+    assert f"shard {bad.stem} unreadable, skipped" in text
+    assert len(page.items()) == len(layout.rows)
+
+
 def test_sample_is_seeded_and_prefers_failed_rows(layout: Layout):
     n_failed = len(layout.rows) - layout.count("ok")
     runs = [load_run(str(layout.out), sample=4, seed=s) for s in (0, 0, 1)]
