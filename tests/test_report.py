@@ -145,10 +145,11 @@ def test_cli_writes_report(layout: Layout, tmp_path: Path, capsys):
     assert len(_Page(out.read_text("utf-8")).items()) == 5
 
 
-def test_report_from_s3(tmp_path: Path):
+def test_report_from_s3(tmp_path: Path, monkeypatch):
     """Output and images in a moto S3 server over HTTP on 127.0.0.1, reached via --endpoint-url."""
     from tests.support.s3 import aws_env, moto_s3
 
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # a session fixture may have set it
     layout = write_layout(tmp_path / "out", tmp_path / "images", image_prefix="s3://runs/images")
     with moto_s3(set_env=False) as s3, aws_env():  # credentials only: the endpoint is the flag
         s3.create_bucket("runs")
