@@ -136,6 +136,14 @@ class LimitsConfig(_Strict):
     )
 
 
+class PreprocessConfig(_Strict):
+    mode: Literal["fast", "exact"] = Field(
+        default="fast",
+        description="fast: JPEG draft decode, uint8 shipped, normalized on the model's device; "
+        "exact: transformers' BlipImageProcessor arithmetic, float32 shipped.",
+    )
+
+
 class RunConfig(_Strict):
     mode: Literal["resume", "retry_failed", "incremental", "overwrite"] = Field(
         default="resume",
@@ -164,6 +172,7 @@ class JobConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @field_validator("name")

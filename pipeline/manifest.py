@@ -43,10 +43,11 @@ class Shard:
     path: str  # full URI of the manifest file
     start: int  # first row (inclusive)
     end: int  # last row (exclusive)
+    rows: tuple[int, ...] | None = None  # only these rows of the range (retry_failed mode)
 
     @property
     def num_rows(self) -> int:
-        return self.end - self.start
+        return len(self.rows) if self.rows is not None else self.end - self.start
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def list_manifest_files(uri: str | list[str], storage: StorageConfig) -> list[st
     return files
 
 
-def _example(table: pa.Table, column: str, index: int = 0) -> str:
+def _example(table: pa.Table, index: int = 0) -> str:
     row = {k: v for k, v in table.slice(index, 1).to_pylist()[0].items() if k != IMAGE_BYTES}
     text = repr(row)
     return text if len(text) <= 300 else text[:300] + "…"
@@ -154,7 +155,13 @@ def plan(job: JobConfig) -> ManifestPlan:
                 file_schema = meta.schema.to_arrow_schema()
         except Exception as err:
             raise ManifestError(f"manifest {uri} is not a readable Parquet file: {err}") from None
-        check_schema(file_schema, job.task.kind, uri)
+        try:
+            check_schema(file_schema, job.task.kind, uri)
+        except ManifestError as err:
+            with fs.open(path, "rb") as f:
+                first = pq.ParquetFile(f).read_row_group(0) if meta.num_row_groups else None
+            example = _example(first) if first is not None and first.num_rows else "(no rows)"
+            raise ManifestError(f"{err}; example row: {example}") from None
         if schema is None:
             schema = file_schema
         elif not file_schema.equals(schema):
@@ -167,7 +174,7 @@ def plan(job: JobConfig) -> ManifestPlan:
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f).slice(index, 1)
             raise ManifestError(
-                f"manifest {uri}: column 'id' is null at row {index}: {_example(table, ID)}"
+                f"manifest {uri}: column 'id' is null at row {index}: {_example(table)}"
             )
         all_ids.append(ids)
         rows = meta.num_rows
@@ -216,6 +223,8 @@ def read_rows(shard: Shard, storage: StorageConfig, columns: list[str] | None = 
         if columns is not None:
             columns = [c for c in columns if c in pf.schema_arrow.names]
         table = pf.read_row_groups(groups, columns=columns)
-    table = table.slice(shard.start - (first or 0), shard.num_rows)
-    rows = pa.array(range(shard.start, shard.end), type=pa.int64())
-    return table.append_column("row", rows)
+    table = table.slice(shard.start - (first or 0), shard.end - shard.start)
+    table = table.append_column("row", pa.array(range(shard.start, shard.end), type=pa.int64()))
+    if shard.rows is not None:
+        table = table.filter(pc.is_in(table.column("row"), pa.array(shard.rows, pa.int64())))
+    return table

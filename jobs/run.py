@@ -1,0 +1,111 @@
+"""`ziya-batch run JOB.yaml`: the one code path that runs a job, locally or inside a Ray Job.
+
+    ziya-batch run jobs/caption_dataset.yaml --set resources.actors=4
+    python -m jobs.cli run jobs/caption_dataset.yaml        # what a submitted Ray Job executes
+
+Connects to RAY_ADDRESS (or --address) when set, else starts a local Ray bound to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from pipeline.builder import Summary, run
+from pipeline.config import JobConfig, JobConfigError, load_job
+from pipeline.manifest import ManifestError
+from pipeline.writer import JobAborted, Tally
+
+
+def init_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A local Ray never listens beyond this machine (issue 7: the dashboard and job API run
+        # code for whoever reaches them).
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
+
+
+class Progress:
+    """rows done / total, rows/s, ETA, failures: a live line on a terminal, a log line every
+    10 s otherwise (Ray job logs)."""
+
+    def __init__(self, stream=sys.stderr, quiet: bool = False):
+        self.stream = stream
+        self.quiet = quiet
+        self.tty = stream.isatty()
+        self.last = 0.0
+
+    def __call__(self, tally: Tally, total: int, elapsed: float) -> None:
+        now = time.time()
+        if self.quiet or now - self.last < (0.5 if self.tty else 10):
+            return
+        self.last = now
+        done = tally.rows_in
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        line = (
+            f"rows {done}/{total} ({100 * done / max(total, 1):.0f}%)  {rate:.1f} rows/s  "
+            f"ETA {_fmt_s(eta)}  failures {tally.failures_seen}  shards {tally.shards}"
+        )
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and not self.quiet and self.last:
+            self.stream.write("\n")
+
+
+def _fmt_s(s: float) -> str:
+    if s != s:  # NaN
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_summary(summary: Summary) -> str:
+    rows = [
+        ("output", summary.output),
+        ("mode", summary.mode + (f" (run {summary.run_id})" if summary.run_id else "")),
+        ("shards", f"{summary.shards_committed} committed, {summary.shards_skipped} already done, "
+                   f"{summary.shards_total} in all"),
+        ("rows in", str(summary.rows_in)),
+        ("rows out", str(summary.rows_out)),
+    ]
+    rows += [(f"  {k}", str(v)) for k, v in sorted(summary.statuses.items())]
+    rows += [
+        ("images/s", f"{summary.images_per_s:.2f}"),
+        ("tokens/s", f"{summary.tokens_per_s:.1f}"),
+        ("wall time", f"{summary.wall_s:.1f} s"),
+        ("model", summary.model),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def run_job(job: JobConfig, address: str | None = None, quiet: bool = False) -> Summary:
+    init_ray(address)
+    progress = Progress(quiet=quiet)
+    try:
+        return run(job, progress=progress)
+    finally:
+        progress.close()
+
+
+def run_job_file(path: str, overrides: list[str], address: str | None = None, quiet: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        job = load_job(path, overrides)
+        summary = run_job(job, address=address, quiet=quiet)
+    except (JobConfigError, ManifestError, JobAborted) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,293 @@
+"""The Ray Data plan, and `run(job)`: plan shards, skip committed ones, stream, commit, summarize.
+
+    ds = build(shards_dataset, job, plan)   # Dataset of answer rows; nothing runs until consumed
+    summary = run(job)                      # the whole job, as `ziya-batch run` does it
+
+`build` is the composable part: users can feed it their own Dataset of shard descriptors and
+consume the answer rows in their own Ray Data code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import layout
+from pipeline.columns import FAILURE_STATUSES, OK
+from pipeline.config import JobConfig
+from pipeline.locations import LocationPolicy
+from pipeline.manifest import ManifestError, ManifestPlan, Shard, plan
+from pipeline.metrics import DriverMetrics
+from pipeline.stages.fetch import FetchStage, key_as_int
+from pipeline.stages.infer import InferStage
+from pipeline.stages.preprocess import PreprocessStage
+from pipeline.stages.read import ReadStage
+from pipeline.storage import filesystem, is_remote, join, protocol_of
+from pipeline.weights import ModelLoader, model_identity, read_visual_config
+from pipeline.writer import OUTPUT_COLUMNS, ShardCommitter
+
+log = logging.getLogger("ziya_batch")
+
+
+@dataclass
+class Context:
+    """What the driver works out once before building the plan."""
+
+    job: JobConfig
+    plan: ManifestPlan
+    model: str  # model identity written to every row
+    image_size: int
+    fingerprint: str  # task + prompt + model + generation: what makes an answer reusable
+    policy: LocationPolicy
+    done_keys: np.ndarray | None = None  # incremental: keys of rows already labeled
+    loader: Callable[[], Any] | None = None
+
+
+def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
+    """The job's allowed locations; by default the buckets / directories of the manifests."""
+    allowed = list(job.limits.allowed_locations)
+    if not allowed:
+        for uri in manifest_files:
+            if is_remote(uri):
+                proto = protocol_of(uri)
+                bucket = filesystem(uri, job.storage)[1].split("/", 1)[0]
+                allowed.append(f"{proto}://{bucket}/")
+            else:
+                fs, path = filesystem(uri, job.storage)
+                allowed.append(fs._parent(path).rstrip("/") + "/")
+    allow_local = any(not is_remote(a) and not a.startswith(("http://", "https://")) for a in allowed)
+    return LocationPolicy(
+        allowed=sorted(set(allowed)), allow_local=allow_local, allow_http=job.limits.allow_http
+    )
+
+
+def prepare(job: JobConfig) -> Context:
+    """Validate everything that can be validated before any model work."""
+    manifest_plan = plan(job)
+    clash = sorted(set(manifest_plan.passthrough_columns) & set(OUTPUT_COLUMNS))
+    if clash:
+        raise ManifestError(
+            f"manifest columns {clash} clash with output columns the pipeline adds; rename them"
+        )
+    identity = model_identity(job)
+    visual_cfg = read_visual_config(job)
+    image_size = int((visual_cfg.get("vision_config") or {}).get("image_size", 224))
+    prompt = job.task.caption_prompt if job.task.kind == "caption" else ""
+    fingerprint = hashlib.sha256(
+        json.dumps([job.task.kind, prompt, identity, job.generation.as_json(), job.preprocess.mode]).encode()
+    ).hexdigest()[:16]
+    return Context(
+        job=job,
+        plan=manifest_plan,
+        model=identity,
+        image_size=image_size,
+        fingerprint=fingerprint,
+        policy=default_policy(job, manifest_plan.files),
+        loader=ModelLoader(job),
+    )
+
+
+def build(shards: Any, ctx: Context) -> Any:
+    """Shard descriptors (Dataset with shard_id, path, start, end, rows) -> answer rows.
+
+    read, fetch and preprocess run as CPU tasks (Ray fuses them into one task, which is what we
+    want); the model stage is an actor pool with its own resource request, so preprocessing never
+    runs inside a model actor.
+    """
+    job, res = ctx.job, ctx.job.resources
+    cpu = {"num_cpus": res.preprocess_cpus, "batch_format": "pyarrow"}
+    ds = shards.map_batches(ReadStage(job), batch_size=1, **cpu)
+    ds = ds.map_batches(
+        FetchStage(job, ctx.policy, ctx.fingerprint, ctx.done_keys),
+        batch_size=res.preprocess_batch_size,
+        **cpu,
+    )
+    ds = ds.map_batches(
+        PreprocessStage(ctx.image_size, job.limits.max_image_pixels, job.preprocess.mode),
+        batch_size=res.preprocess_batch_size,
+        **cpu,
+    )
+    gpu = res.gpus_per_actor > 0
+    return ds.map_batches(
+        InferStage,
+        fn_constructor_args=(ctx.loader, _generation(job), res.batch_size, job.preprocess.mode),
+        batch_size=res.batch_size or (64 if gpu else 8),
+        batch_format="pyarrow",
+        concurrency=res.actors,
+        num_gpus=res.gpus_per_actor,
+        num_cpus=res.cpus_per_actor,
+        # A restarted actor reloads the model and its tasks are retried: at-least-once rows,
+        # which the writer turns into exactly-once output.
+        max_restarts=-1,
+        max_task_retries=3,
+    )
+
+
+def _generation(job: JobConfig):
+    from ziya_model import GenerationSettings
+
+    return GenerationSettings(**job.generation.model_dump())
+
+
+@dataclass
+class Summary:
+    output: str
+    rows_in: int
+    rows_out: int
+    statuses: dict[str, int]
+    tokens: int
+    wall_s: float
+    shards_total: int
+    shards_skipped: int
+    shards_committed: int
+    model: str
+    task: str
+    generation: dict
+    mode: str
+    run_id: str | None = None
+    filled_after_crash: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.rows_in / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.update(images_per_s=round(self.images_per_s, 3), tokens_per_s=round(self.tokens_per_s, 3))
+        d["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return d
+
+
+def _run_dir(ctx: Context) -> tuple[str, str | None]:
+    """Where this run writes: OUT itself, or OUT/runs/<run_id> for incremental runs.
+
+    An incremental run id is derived from the manifests' listing and the job fingerprint, so a
+    crashed scheduled run resumes into the same directory, while tomorrow's run gets a new one.
+    """
+    job = ctx.job
+    if job.run.mode != "incremental":
+        return job.output.uri, None
+    listing = []
+    for uri in ctx.plan.files:
+        fs, path = filesystem(uri, job.storage)
+        info = fs.info(path)
+        listing.append([uri, info.get("size"), str(info.get("ETag") or info.get("mtime"))])
+    run_id = hashlib.sha256(json.dumps([listing, ctx.fingerprint]).encode()).hexdigest()[:12]
+    return join(job.output.uri, layout.RUNS_DIR, run_id), run_id
+
+
+def _done_keys(ctx: Context, run_id: str) -> np.ndarray:
+    """Row keys of every `ok` row committed by earlier incremental runs, sorted, as uint64."""
+    keys: list[int] = []
+    for run in layout.list_runs(ctx.job.output.uri, ctx.job.storage):
+        if run == run_id:
+            continue
+        run_uri = join(ctx.job.output.uri, layout.RUNS_DIR, run)
+        for sid in layout.committed_shards(run_uri, ctx.job.storage):
+            t = layout.read_shard(run_uri, sid, ctx.job.storage, columns=["row_key", "status"])
+            t = t.filter(pc.equal(t.column("status"), OK))
+            keys.extend(key_as_int(k) for k in t.column("row_key").to_pylist() if k)
+    return np.unique(np.array(keys, dtype=np.uint64))
+
+
+def _retry_plan(ctx: Context, out_uri: str, committed: set[str]) -> tuple[list[Shard], dict[str, pa.Table]]:
+    """retry_failed: partial shards holding only the failed rows of committed shards."""
+    shards, replace = [], {}
+    by_id = {s.shard_id: s for s in ctx.plan.shards}
+    for sid in sorted(committed & set(by_id)):
+        table = layout.read_shard(out_uri, sid, ctx.job.storage)
+        failed = table.filter(pc.is_in(table.column("status"), pa.array(FAILURE_STATUSES)))
+        rows = sorted(set(failed.column("manifest_row").to_pylist()))
+        if rows:
+            s = by_id[sid]
+            shards.append(Shard(s.shard_id, s.path, s.start, s.end, tuple(rows)))
+            replace[sid] = table
+    return shards, replace
+
+
+def run(job: JobConfig, progress: Callable[[Any, int, float], None] | None = None) -> Summary:
+    """Run a whole job on the current Ray cluster (call `ray.init` first)."""
+    import ray
+
+    t0 = time.time()
+    ctx = prepare(job)
+    out_uri, run_id = _run_dir(ctx)
+    storage = job.storage
+    mode = job.run.mode
+    committed = set() if mode == "overwrite" else layout.committed_shards(out_uri, storage)
+    replace: dict[str, pa.Table] = {}
+    if mode == "retry_failed":
+        todo, replace = _retry_plan(ctx, out_uri, committed)
+    else:
+        todo = [s for s in ctx.plan.shards if s.shard_id not in committed]
+    if mode == "incremental":
+        ctx.done_keys = _done_keys(ctx, run_id)
+        if not layout.exists(join(out_uri, "run.json"), storage):
+            layout.write_json(join(out_uri, "run.json"), {"run_id": run_id, "started_at": time.time()}, storage)
+    success = join(out_uri, layout.SUCCESS)
+    if not todo and layout.exists(success, storage):
+        log.info("nothing to do: all %d shards are committed in %s", len(ctx.plan.shards), out_uri)
+        return Summary(
+            output=out_uri, rows_in=0, rows_out=0, statuses={}, tokens=0, wall_s=time.time() - t0,
+            shards_total=len(ctx.plan.shards), shards_skipped=len(ctx.plan.shards), shards_committed=0,
+            model=ctx.model, task=job.task.kind, generation=job.generation.model_dump(), mode=mode,
+            run_id=run_id,
+        )
+    if mode == "overwrite":
+        layout.remove(success, storage)
+
+    metrics = DriverMetrics(job.name)
+    committer = ShardCommitter(
+        job, out_uri, todo, ctx.plan.passthrough_columns, ctx.model, metrics=metrics, replace=replace
+    )
+    if todo:
+        items = [
+            {"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end, "rows": list(s.rows) if s.rows else None}
+            for s in todo
+        ]
+        shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
+        rows_total = sum(s.num_rows for s in todo)
+        for batch in build(shards_ds, ctx).iter_batches(batch_format="pyarrow", batch_size=None):
+            committer.add(batch)
+            if progress:
+                progress(committer.tally, rows_total, time.time() - t0)
+    filled = committer.finish()
+    tally = committer.tally
+    summary = Summary(
+        output=out_uri,
+        rows_in=tally.rows_in,
+        rows_out=tally.rows_out,
+        statuses=dict(tally.statuses),
+        tokens=tally.tokens,
+        wall_s=time.time() - t0,
+        shards_total=len(ctx.plan.shards),
+        shards_skipped=len(ctx.plan.shards) - len(todo),
+        shards_committed=tally.shards,
+        model=ctx.model,
+        task=job.task.kind,
+        generation=job.generation.model_dump(),
+        mode=mode,
+        run_id=run_id,
+        filled_after_crash=filled,
+    )
+    # The success marker and summary are written only when every shard is committed.
+    final = layout.committed_shards(out_uri, storage)
+    missing = [s.shard_id for s in ctx.plan.shards if s.shard_id not in final]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards are not committed, e.g. {missing[0]}; rerun to resume")
+    layout.write_json(join(out_uri, layout.SUMMARY), {**summary.as_dict(), "metrics": metrics.values}, storage)
+    layout.write_bytes_atomic(success, b"", storage)
+    return summary

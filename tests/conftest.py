@@ -1,0 +1,90 @@
+"""Shared fixtures: one local Ray for the whole session, a tiny checkpoint, real photographs.
+
+Ray is started once (it costs seconds and about 1 GB): tests that need it take `ray_cluster`.
+Ray's token auth is disabled for the test cluster only, and everything binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before Ray or botocore are imported anywhere in the session.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "camera")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The tiny random-weight checkpoint in the real on-disk layout (visual dir + merged LLM)."""
+    from ziya_model import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    """Real photographs shipped inside scikit-image, saved as JPEG files."""
+    from PIL import Image
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(root / f"{name}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3-compatible server (moto) on 127.0.0.1, with dummy credentials in the env.
+
+    AWS_ENDPOINT_URL is set before Ray starts, so Ray workers reach the same server.
+    """
+    from tests.support.s3 import dummy_env, start_moto
+
+    server, url = start_moto()
+    saved = {k: os.environ.get(k) for k in dummy_env(url)}
+    os.environ.update(dummy_env(url))
+    yield url
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(moto_endpoint, tmp_path_factory):
+    """One local Ray (2 CPUs) for the session, started after the S3 env is in place."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()
