@@ -160,6 +160,8 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
             )
         if kwargs.pop("trust_remote_code", False):
             raise ValueError("trust_remote_code is never used for Ziya-Visual")
+        if kwargs.get("weights_only", True) is not True:
+            raise ValueError("weights_only=False would unpickle arbitrary code; refused")
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path,

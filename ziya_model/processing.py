@@ -32,7 +32,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7300x5500 photo; anything bigger is refused
 # Formats Pillow may sniff; exotic decoders (EPS, PSD, ...) are attack surface we do not need.
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG also opens MPO
 _WHITE = (255, 255, 255)
 
 
