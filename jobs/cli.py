@@ -61,9 +61,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
-    path = write_report(
-        args.output, args.out, sample=args.sample, endpoint_url=args.endpoint_url
-    )
+    path = write_report(args.output, args.out, sample=args.sample, endpoint_url=args.endpoint_url)
     print(f"report written to {path}")
     return 0
 

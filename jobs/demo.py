@@ -40,7 +40,9 @@ def write_photos(image_dir: Path) -> list[Path]:
     (image_dir / "empty.jpg").write_bytes(b"")
     (image_dir / "truncated.jpg").write_bytes(good[: len(good) // 3])
     (image_dir / "not_an_image.jpg").write_text("this is a text file, not a JPEG\n")
-    broken = [image_dir / n for n in ("missing.jpg", "empty.jpg", "truncated.jpg", "not_an_image.jpg")]
+    broken = [
+        image_dir / n for n in ("missing.jpg", "empty.jpg", "truncated.jpg", "not_an_image.jpg")
+    ]
     return paths + broken
 
 
@@ -84,8 +86,22 @@ def run_demo(directory: str) -> int:
     images = write_photos(root / "images")
     cap_manifest, vqa_manifest = write_manifests(root, images)
     jobs = [
-        write_job(root / "caption.yaml", cap_manifest, root / "output/caption", str(tiny.visual_dir), str(tiny.llm_dir), "caption"),
-        write_job(root / "vqa.yaml", vqa_manifest, root / "output/vqa", str(tiny.visual_dir), str(tiny.llm_dir), "vqa"),
+        write_job(
+            root / "caption.yaml",
+            cap_manifest,
+            root / "output/caption",
+            str(tiny.visual_dir),
+            str(tiny.llm_dir),
+            "caption",
+        ),
+        write_job(
+            root / "vqa.yaml",
+            vqa_manifest,
+            root / "output/vqa",
+            str(tiny.visual_dir),
+            str(tiny.llm_dir),
+            "vqa",
+        ),
     ]
     print("Tiny random-weight model: the answers below are meaningless text, the pipeline is real.")
     for job_file in jobs:
@@ -94,7 +110,9 @@ def run_demo(directory: str) -> int:
         table = read_output(summary.output)
         buf = io.StringIO()
         for row in table.slice(0, 3).to_pylist():
-            buf.write(f"  {row['id']}: [{row['status']}] {row['question']!r} -> {row['answer']!r}\n")
+            buf.write(
+                f"  {row['id']}: [{row['status']}] {row['question']!r} -> {row['answer']!r}\n"
+            )
         print("first rows:\n" + buf.getvalue().rstrip())
     print(
         f"\nParquet answers under {(root / 'output').resolve()}/*/shards/."

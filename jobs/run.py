@@ -74,8 +74,11 @@ def format_summary(summary: Summary) -> str:
     rows = [
         ("output", summary.output),
         ("mode", summary.mode + (f" (run {summary.run_id})" if summary.run_id else "")),
-        ("shards", f"{summary.shards_committed} committed, {summary.shards_skipped} already done, "
-                   f"{summary.shards_total} in all"),
+        (
+            "shards",
+            f"{summary.shards_committed} committed, {summary.shards_skipped} already done, "
+            f"{summary.shards_total} in all",
+        ),
         ("rows in", str(summary.rows_in)),
         ("rows out", str(summary.rows_out)),
     ]
@@ -99,7 +102,9 @@ def run_job(job: JobConfig, address: str | None = None, quiet: bool = False) -> 
         progress.close()
 
 
-def run_job_file(path: str, overrides: list[str], address: str | None = None, quiet: bool = False) -> int:
+def run_job_file(
+    path: str, overrides: list[str], address: str | None = None, quiet: bool = False
+) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         job = load_job(path, overrides)

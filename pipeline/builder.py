@@ -64,7 +64,9 @@ def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
             else:
                 fs, path = filesystem(uri, job.storage)
                 allowed.append(fs._parent(path).rstrip("/") + "/")
-    allow_local = any(not is_remote(a) and not a.startswith(("http://", "https://")) for a in allowed)
+    allow_local = any(
+        not is_remote(a) and not a.startswith(("http://", "https://")) for a in allowed
+    )
     return LocationPolicy(
         allowed=sorted(set(allowed)), allow_local=allow_local, allow_http=job.limits.allow_http
     )
@@ -83,7 +85,9 @@ def prepare(job: JobConfig) -> Context:
     image_size = int((visual_cfg.get("vision_config") or {}).get("image_size", 224))
     prompt = job.task.caption_prompt if job.task.kind == "caption" else ""
     fingerprint = hashlib.sha256(
-        json.dumps([job.task.kind, prompt, identity, job.generation.as_json(), job.preprocess.mode]).encode()
+        json.dumps(
+            [job.task.kind, prompt, identity, job.generation.as_json(), job.preprocess.mode]
+        ).encode()
     ).hexdigest()[:16]
     return Context(
         job=job,
@@ -104,7 +108,14 @@ def build(shards: Any, ctx: Context) -> Any:
     runs inside a model actor.
     """
     job, res = ctx.job, ctx.job.resources
-    cpu = {"num_cpus": res.preprocess_cpus, "batch_format": "pyarrow"}
+    # The CPU stages reserve the memory that decoding an image at the pixel limit needs. That
+    # also makes their resource request differ from the model actors', which is what stops Ray
+    # from fusing preprocessing into the actor stage (it fuses maps with equal requests).
+    cpu = {
+        "num_cpus": res.preprocess_cpus,
+        "memory": 3 * job.limits.max_image_pixels + 512 * 2**20,
+        "batch_format": "pyarrow",
+    }
     ds = shards.map_batches(ReadStage(job), batch_size=1, **cpu)
     ds = ds.map_batches(
         FetchStage(job, ctx.policy, ctx.fingerprint, ctx.done_keys),
@@ -117,6 +128,8 @@ def build(shards: Any, ctx: Context) -> Any:
         **cpu,
     )
     gpu = res.gpus_per_actor > 0
+    # Ray Data restarts a dead model actor and retries its tasks (max_restarts=-1 by default):
+    # rows are at-least-once here, and the writer turns that into exactly-once output.
     return ds.map_batches(
         InferStage,
         fn_constructor_args=(ctx.loader, _generation(job), res.batch_size, job.preprocess.mode),
@@ -125,10 +138,6 @@ def build(shards: Any, ctx: Context) -> Any:
         concurrency=res.actors,
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
-        # A restarted actor reloads the model and its tasks are retried: at-least-once rows,
-        # which the writer turns into exactly-once output.
-        max_restarts=-1,
-        max_task_retries=3,
     )
 
 
@@ -203,7 +212,9 @@ def _done_keys(ctx: Context, run_id: str) -> np.ndarray:
     return np.unique(np.array(keys, dtype=np.uint64))
 
 
-def _retry_plan(ctx: Context, out_uri: str, committed: set[str]) -> tuple[list[Shard], dict[str, pa.Table]]:
+def _retry_plan(
+    ctx: Context, out_uri: str, committed: set[str]
+) -> tuple[list[Shard], dict[str, pa.Table]]:
     """retry_failed: partial shards holding only the failed rows of committed shards."""
     shards, replace = [], {}
     by_id = {s.shard_id: s for s in ctx.plan.shards}
@@ -218,12 +229,23 @@ def _retry_plan(ctx: Context, out_uri: str, committed: set[str]) -> tuple[list[S
     return shards, replace
 
 
-def run(job: JobConfig, progress: Callable[[Any, int, float], None] | None = None) -> Summary:
-    """Run a whole job on the current Ray cluster (call `ray.init` first)."""
+def run(
+    job: JobConfig,
+    progress: Callable[[Any, int, float], None] | None = None,
+    loader: Callable[[], Any] | None = None,
+) -> Summary:
+    """Run a whole job on the current Ray cluster (call `ray.init` first).
+
+    `progress(tally, rows_total, elapsed_s)` is called after every batch. `loader` replaces the
+    model loader (a picklable callable returning model, tokenizer, processor): benchmarks use it
+    for a stand-in model, tests to count model calls.
+    """
     import ray
 
     t0 = time.time()
     ctx = prepare(job)
+    if loader is not None:
+        ctx.loader = loader
     out_uri, run_id = _run_dir(ctx)
     storage = job.storage
     mode = job.run.mode
@@ -236,14 +258,26 @@ def run(job: JobConfig, progress: Callable[[Any, int, float], None] | None = Non
     if mode == "incremental":
         ctx.done_keys = _done_keys(ctx, run_id)
         if not layout.exists(join(out_uri, "run.json"), storage):
-            layout.write_json(join(out_uri, "run.json"), {"run_id": run_id, "started_at": time.time()}, storage)
+            layout.write_json(
+                join(out_uri, "run.json"), {"run_id": run_id, "started_at": time.time()}, storage
+            )
     success = join(out_uri, layout.SUCCESS)
     if not todo and layout.exists(success, storage):
         log.info("nothing to do: all %d shards are committed in %s", len(ctx.plan.shards), out_uri)
         return Summary(
-            output=out_uri, rows_in=0, rows_out=0, statuses={}, tokens=0, wall_s=time.time() - t0,
-            shards_total=len(ctx.plan.shards), shards_skipped=len(ctx.plan.shards), shards_committed=0,
-            model=ctx.model, task=job.task.kind, generation=job.generation.model_dump(), mode=mode,
+            output=out_uri,
+            rows_in=0,
+            rows_out=0,
+            statuses={},
+            tokens=0,
+            wall_s=time.time() - t0,
+            shards_total=len(ctx.plan.shards),
+            shards_skipped=len(ctx.plan.shards),
+            shards_committed=0,
+            model=ctx.model,
+            task=job.task.kind,
+            generation=job.generation.model_dump(),
+            mode=mode,
             run_id=run_id,
         )
     if mode == "overwrite":
@@ -251,11 +285,23 @@ def run(job: JobConfig, progress: Callable[[Any, int, float], None] | None = Non
 
     metrics = DriverMetrics(job.name)
     committer = ShardCommitter(
-        job, out_uri, todo, ctx.plan.passthrough_columns, ctx.model, metrics=metrics, replace=replace
+        job,
+        out_uri,
+        todo,
+        ctx.plan.passthrough_columns,
+        ctx.model,
+        metrics=metrics,
+        replace=replace,
     )
     if todo:
         items = [
-            {"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end, "rows": list(s.rows) if s.rows else None}
+            {
+                "shard_id": s.shard_id,
+                "path": s.path,
+                "start": s.start,
+                "end": s.end,
+                "rows": list(s.rows) if s.rows else None,
+            }
             for s in todo
         ]
         shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
@@ -287,7 +333,11 @@ def run(job: JobConfig, progress: Callable[[Any, int, float], None] | None = Non
     final = layout.committed_shards(out_uri, storage)
     missing = [s.shard_id for s in ctx.plan.shards if s.shard_id not in final]
     if missing:
-        raise RuntimeError(f"{len(missing)} shards are not committed, e.g. {missing[0]}; rerun to resume")
-    layout.write_json(join(out_uri, layout.SUMMARY), {**summary.as_dict(), "metrics": metrics.values}, storage)
+        raise RuntimeError(
+            f"{len(missing)} shards are not committed, e.g. {missing[0]}; rerun to resume"
+        )
+    layout.write_json(
+        join(out_uri, layout.SUMMARY), {**summary.as_dict(), "metrics": metrics.values}, storage
+    )
     layout.write_bytes_atomic(success, b"", storage)
     return summary

@@ -53,9 +53,13 @@ def check_columns(stage: str, batch: pa.Table, needed: Mapping[str, str]) -> Non
         )
 
 
-def set_column(table: pa.Table, name: str, values: pa.Array | list, type_: pa.DataType | None = None) -> pa.Table:
+def set_column(
+    table: pa.Table, name: str, values: pa.Array | list, type_: pa.DataType | None = None
+) -> pa.Table:
     """Replace or append a column."""
-    array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=type_)
+    array = (
+        values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=type_)
+    )
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, array)
     return table.append_column(name, array)

@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_CAPTION_PROMPT = "请用中文和英文各写一句话描述这张图片。Describe this image in one sentence."
+DEFAULT_CAPTION_PROMPT = (
+    "请用中文和英文各写一句话描述这张图片。Describe this image in one sentence."
+)
 
 
 class _Strict(BaseModel):
@@ -71,11 +73,17 @@ class ModelConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
-    max_new_tokens: int = Field(default=64, ge=1, le=2048, description="Upper bound on answer tokens.")
+    max_new_tokens: int = Field(
+        default=64, ge=1, le=2048, description="Upper bound on answer tokens."
+    )
     min_new_tokens: int = Field(default=0, ge=0, description="Lower bound on answer tokens.")
     do_sample: bool = Field(default=False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(default=0.7, gt=0, description="Sampling temperature (do_sample only).")
-    top_p: float = Field(default=0.1, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
+    temperature: float = Field(
+        default=0.7, gt=0, description="Sampling temperature (do_sample only)."
+    )
+    top_p: float = Field(
+        default=0.1, gt=0, le=1, description="Nucleus sampling mass (do_sample only)."
+    )
     repetition_penalty: float = Field(
         default=1.0, ge=1.0, description="Penalty on repeated tokens (the seed's demo used 1.18)."
     )
@@ -104,8 +112,12 @@ class ResourcesConfig(_Strict):
     preprocess_cpus: float = Field(
         default=1, gt=0, description="CPUs per fetch/preprocess task (keeps them off model actors)."
     )
-    preprocess_batch_size: int = Field(default=32, ge=1, description="Rows per fetch/preprocess batch.")
-    fetch_threads: int = Field(default=16, ge=1, description="Concurrent image reads per fetch task.")
+    preprocess_batch_size: int = Field(
+        default=32, ge=1, description="Rows per fetch/preprocess batch."
+    )
+    fetch_threads: int = Field(
+        default=16, ge=1, description="Concurrent image reads per fetch task."
+    )
 
 
 class StorageConfig(_Strict):
@@ -132,7 +144,9 @@ class LimitsConfig(_Strict):
         default=50 * 1024 * 1024, ge=1, description="Larger image objects end as too_large."
     )
     max_image_pixels: int = Field(
-        default=64_000_000, ge=1, description="Images with more pixels (from the header) are too_large."
+        default=64_000_000,
+        ge=1,
+        description="Images with more pixels (from the header) are too_large.",
     )
 
 
@@ -163,7 +177,9 @@ class RunConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    name: str = Field(default="ziya-batch", description="Job name (used in logs and submission ids).")
+    name: str = Field(
+        default="ziya-batch", description="Job name (used in logs and submission ids)."
+    )
     input: InputConfig
     output: OutputConfig
     model: ModelConfig

@@ -60,7 +60,9 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def commit_shard(out_uri: str, shard_id: str, table: pa.Table, stats: dict, storage: StorageConfig) -> None:
+def commit_shard(
+    out_uri: str, shard_id: str, table: pa.Table, stats: dict, storage: StorageConfig
+) -> None:
     """Write the shard's rows, then its stats file (the commit marker), in that order."""
     data_uri, stats_uri = shard_uris(out_uri, shard_id)
     write_bytes_atomic(data_uri, table_to_parquet_bytes(table), storage)
@@ -74,11 +76,7 @@ def committed_shards(out_uri: str, storage: StorageConfig) -> set[str]:
         names = fs.ls(path, detail=False)
     except FileNotFoundError:
         return set()
-    return {
-        posixpath.basename(n)[: -len(STATS_SUFFIX)]
-        for n in names
-        if n.endswith(STATS_SUFFIX)
-    }
+    return {posixpath.basename(n)[: -len(STATS_SUFFIX)] for n in names if n.endswith(STATS_SUFFIX)}
 
 
 def read_stats(out_uri: str, shard_ids: list[str], storage: StorageConfig) -> dict[str, dict]:
@@ -90,13 +88,17 @@ def read_stats(out_uri: str, shard_ids: list[str], storage: StorageConfig) -> di
     return {s: json.loads(blobs[p]) for s, p in zip(shard_ids, paths, strict=True)}
 
 
-def read_shard(out_uri: str, shard_id: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+def read_shard(
+    out_uri: str, shard_id: str, storage: StorageConfig, columns: list[str] | None = None
+) -> pa.Table:
     fs, path = filesystem(shard_uris(out_uri, shard_id)[0], storage)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
 
 
-def read_output(out_uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_output(
+    out_uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None
+) -> pa.Table:
     """All committed rows of an output (uncommitted files are ignored).
 
     For incremental outputs (OUT/runs/*), the latest run's row wins for each (id, question_index).
@@ -135,7 +137,9 @@ def list_runs(out_uri: str, storage: StorageConfig) -> list[str]:
 
 
 def write_json(uri: str, payload: dict, storage: StorageConfig) -> None:
-    write_bytes_atomic(uri, json.dumps(payload, indent=1, sort_keys=True, default=str).encode(), storage)
+    write_bytes_atomic(
+        uri, json.dumps(payload, indent=1, sort_keys=True, default=str).encode(), storage
+    )
 
 
 def exists(uri: str, storage: StorageConfig) -> bool:

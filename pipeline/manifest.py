@@ -109,7 +109,9 @@ def check_schema(schema: pa.Schema, task_kind: str, source: str) -> None:
     names = set(schema.names)
 
     def fail(column: str, problem: str) -> None:
-        raise ManifestError(f"manifest {source}: column {column!r} {problem}; columns: {schema.names}")
+        raise ManifestError(
+            f"manifest {source}: column {column!r} {problem}; columns: {schema.names}"
+        )
 
     if ID not in names:
         fail(ID, "is required (a unique string per row)")
@@ -198,7 +200,9 @@ def _check_unique(all_ids: list[pa.ChunkedArray], files: list[str]) -> None:
     dup = counts.filter(pc.greater(counts.field("counts"), 1))
     if len(dup):
         value = dup.field("values")[0].as_py()
-        where = [f for f, a in zip(files, all_ids, strict=True) if pc.any(pc.equal(a, value)).as_py()]
+        where = [
+            f for f, a in zip(files, all_ids, strict=True) if pc.any(pc.equal(a, value)).as_py()
+        ]
         raise ManifestError(
             f"manifest column 'id' must be unique: {len(dup)} ids repeat, e.g. {value!r} "
             f"(x{dup.field('counts')[0].as_py()}) in {', '.join(where)}"

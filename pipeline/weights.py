@@ -30,7 +30,11 @@ def _listing(uri: str, storage: StorageConfig) -> dict[str, int]:
         raise FileNotFoundError(f"model directory {uri} does not exist")
     files = {}
     for path, info in fs.find(root, detail=True).items():
-        rel = posixpath.relpath(path, root.rstrip("/")) if is_remote(uri) else os.path.relpath(path, root)
+        rel = (
+            posixpath.relpath(path, root.rstrip("/"))
+            if is_remote(uri)
+            else os.path.relpath(path, root)
+        )
         files[rel] = int(info.get("size") or 0)
     return files
 
@@ -83,7 +87,9 @@ def ensure_local(uri: str, cache_dir: str, storage: StorageConfig) -> str:
             dest.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(posixpath.join(root, rel), str(dest))
             if dest.stat().st_size != listing[rel]:
-                raise OSError(f"{uri}/{rel}: got {dest.stat().st_size} bytes, listed {listing[rel]}")
+                raise OSError(
+                    f"{uri}/{rel}: got {dest.stat().st_size} bytes, listed {listing[rel]}"
+                )
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(fetch, sorted(listing)))

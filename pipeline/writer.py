@@ -118,7 +118,11 @@ class ShardCommitter:
             state = self.open.setdefault(sid, _OpenShard(self.expected[sid]))
             keep = []
             for i, (r, q) in enumerate(
-                zip(part.column("row").to_pylist(), part.column("question_index").to_pylist(), strict=True)
+                zip(
+                    part.column("row").to_pylist(),
+                    part.column("question_index").to_pylist(),
+                    strict=True,
+                )
             ):
                 if (r, q) not in state.seen:
                     state.seen.add((r, q))
@@ -136,8 +140,13 @@ class ShardCommitter:
         self.tally.rows_seen += len(statuses)
         self.tally.failures_seen += sum(s in FAILURE_STATUSES for s in statuses)
         rate = self.tally.failures_seen / self.tally.rows_seen
-        if self.tally.rows_seen >= self.job.run.min_rows_before_abort and rate > self.job.run.max_failure_rate:
-            example = part.filter(pc.is_in(part.column("status"), pa.array(FAILURE_STATUSES))).slice(0, 1)
+        if (
+            self.tally.rows_seen >= self.job.run.min_rows_before_abort
+            and rate > self.job.run.max_failure_rate
+        ):
+            example = part.filter(
+                pc.is_in(part.column("status"), pa.array(FAILURE_STATUSES))
+            ).slice(0, 1)
             row = example.to_pylist()[0] if example.num_rows else {}
             raise JobAborted(
                 f"aborting: {self.tally.failures_seen} of {self.tally.rows_seen} rows failed "
@@ -152,7 +161,9 @@ class ShardCommitter:
 
     def _write(self, state: _OpenShard) -> None:
         shard = state.shard
-        answers = pa.concat_tables(state.tables).sort_by([("row", "ascending"), ("question_index", "ascending")])
+        answers = pa.concat_tables(state.tables, promote_options="permissive").sort_by(
+            [("row", "ascending"), ("question_index", "ascending")]
+        )
         manifest = read_rows(shard, self.job.storage, columns=self.passthrough)
         index = {r: i for i, r in enumerate(manifest.column("row").to_pylist())}
         positions = pa.array([index[r] for r in answers.column("row").to_pylist()], pa.int64())
@@ -215,8 +226,12 @@ class ShardCommitter:
         if old is None:
             return table
         redone = set(table.column("manifest_row").to_pylist())
-        kept = old.filter(pc.invert(pc.is_in(old.column("manifest_row"), pa.array(sorted(redone), pa.int64()))))
-        merged = pa.concat_tables([kept, table.select(kept.column_names)], promote_options="permissive")
+        kept = old.filter(
+            pc.invert(pc.is_in(old.column("manifest_row"), pa.array(sorted(redone), pa.int64())))
+        )
+        merged = pa.concat_tables(
+            [kept, table.select(kept.column_names)], promote_options="permissive"
+        )
         return merged.sort_by([("manifest_row", "ascending"), ("question_index", "ascending")])
 
     def finish(self) -> list[str]:
@@ -224,7 +239,9 @@ class ShardCommitter:
         `inference_error`, so every input row is in the output; returns the affected shards."""
         filled = []
         for sid, state in list(self.open.items()) + [
-            (s, _OpenShard(self.expected[s])) for s in self.expected if s not in self.open and s not in self.done
+            (s, _OpenShard(self.expected[s]))
+            for s in self.expected
+            if s not in self.open and s not in self.done
         ]:
             missing = self._missing_rows(state)
             if missing is None:

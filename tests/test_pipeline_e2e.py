@@ -51,7 +51,9 @@ def bucket(moto_endpoint, photo_dir, tiny_checkpoint):
             "tags": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int16())),
         }
     )
-    questions = [["What is this?", "这是什么？"] if i % 2 == 0 else ["Describe it."] for i in range(n)]
+    questions = [
+        ["What is this?", "这是什么？"] if i % 2 == 0 else ["Describe it."] for i in range(n)
+    ]
     questions[1] = []  # no question at all: invalid_question
     vqa = pa.table({"id": ids, "image": uris, "questions": questions})
     for name, table in (("caption", caption), ("vqa", vqa)):
@@ -67,7 +69,11 @@ def _job(bucket, kind: str, out: str, **extra):
         "input": {"uri": f"s3://e2e/manifests/{kind}/"},
         "output": {"uri": f"s3://e2e/out/{out}", "rows_per_shard": 4},
         "task": {"kind": kind},
-        "model": {"visual": "s3://e2e/model/visual", "llm": "s3://e2e/model/llm", "cache_dir": str(bucket["cache"])},
+        "model": {
+            "visual": "s3://e2e/model/visual",
+            "llm": "s3://e2e/model/llm",
+            "cache_dir": str(bucket["cache"]),
+        },
         "generation": {"max_new_tokens": 6},
         "resources": {"actors": 1, "batch_size": 4},
         "storage": {"endpoint_url": bucket["endpoint"]},
@@ -88,8 +94,14 @@ def test_caption_every_row_once_with_exact_statuses(ray_cluster, bucket):
     out = read_output(job.output.uri)
     n, photos = bucket["n"], bucket["photos"]
     assert out.num_rows == n == summary.rows_out == summary.rows_in
-    assert sorted(out.column("id").to_pylist()) == sorted(bucket["caption"].column("id").to_pylist())
-    assert Counter(out.column("status").to_pylist()) == {"ok": photos, "fetch_error": 1, "decode_error": 3}
+    assert sorted(out.column("id").to_pylist()) == sorted(
+        bucket["caption"].column("id").to_pylist()
+    )
+    assert Counter(out.column("status").to_pylist()) == {
+        "ok": photos,
+        "fetch_error": 1,
+        "decode_error": 3,
+    }
     rows = {r["id"]: r for r in out.to_pylist()}
     for r in rows.values():
         assert (r["answer"] is not None) == (r["status"] == "ok")
@@ -121,7 +133,7 @@ def test_vqa_one_row_per_question(ray_cluster, bucket):
     summary = run(job)
     out = read_output(job.output.uri)
     n, photos = bucket["n"], bucket["photos"]
-    expected_rows = sum(2 if i % 2 == 0 else 1 for i in range(n)) - 1  # row 1 has none -> 1 row
+    expected_rows = sum(2 if i % 2 == 0 else 1 for i in range(n))  # row 1 has none: 1 row
     assert out.num_rows == expected_rows == summary.rows_out
     keys = Counter((r["id"], r["question_index"]) for r in out.to_pylist())
     assert max(keys.values()) == 1
@@ -137,11 +149,15 @@ def test_preprocessing_is_not_fused_into_the_model_actor(ray_cluster, bucket):
     ctx = prepare(job)
     import ray
 
-    items = [{"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end, "rows": None} for s in ctx.plan.shards]
+    items = [
+        {"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end, "rows": None}
+        for s in ctx.plan.shards
+    ]
     ds = build(ray.data.from_items(items), ctx)
-    ds.materialize()
-    stats = ds.stats()
-    infer_ops = [line for line in stats.splitlines() if line.startswith("Operator") and "InferStage" in line]
+    stats = ds.materialize().stats()
+    infer_ops = [
+        line for line in stats.splitlines() if line.startswith("Operator") and "InferStage" in line
+    ]
     assert infer_ops, stats
     assert all("PreprocessStage" not in line for line in infer_ops), infer_ops
 

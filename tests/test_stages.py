@@ -4,6 +4,7 @@ exactly-once bookkeeping."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +44,10 @@ def local_job(tmp_path, photo_dir, tiny_checkpoint):
             "input": {"uri": str(tmp_path / "m.parquet")},
             "output": {"uri": str(tmp_path / "out"), "rows_per_shard": 2},
             "task": {"kind": "vqa"},
-            "model": {"visual": str(tiny_checkpoint.visual_dir), "llm": str(tiny_checkpoint.llm_dir)},
+            "model": {
+                "visual": str(tiny_checkpoint.visual_dir),
+                "llm": str(tiny_checkpoint.llm_dir),
+            },
             "generation": {"max_new_tokens": 4},
             "limits": {"allowed_locations": [str(photo_dir) + "/", str(tmp_path) + "/"]},
         }
@@ -72,20 +76,33 @@ def test_stages_chain_without_ray(local_job):
     fetched = FetchStage(job, default_policy(job, p.files), "fp")(rows)
     statuses = fetched.column("status").to_pylist()
     assert statuses == ["ok", "ok", "ok", "ok", "fetch_error"]
-    assert all(len(k) == len(q) for k, q in zip(fetched.column("row_keys").to_pylist(), rows.column("questions").to_pylist(), strict=True))
+    assert all(
+        len(k) == len(q)
+        for k, q in zip(
+            fetched.column("row_keys").to_pylist(),
+            rows.column("questions").to_pylist(),
+            strict=True,
+        )
+    )
 
     pre = PreprocessStage(224, 10_000_000)(fetched)
     assert "image_bytes" not in pre.column_names
     assert pre.column("status").to_pylist() == ["ok", "ok", "ok", "decode_error", "fetch_error"]
     assert len(pre.column("pixels")[0].as_py()) == 3 * 224 * 224  # uint8: a quarter of float32
 
-    infer = InferStage(ModelLoader(job), __import__("ziya_model").GenerationSettings(max_new_tokens=4), 4)
+    infer = InferStage(
+        ModelLoader(job), __import__("ziya_model").GenerationSettings(max_new_tokens=4), 4
+    )
     out = infer(pre)
     got = [(r["id"], r["question_index"], r["status"]) for r in out.to_pylist()]
     assert got == [
-        ("i0", 0, "ok"), ("i0", 1, "ok"), ("i1", 0, "ok"),
-        ("i2", 0, "invalid_question"), ("i2", 1, "ok"),
-        ("i3", 0, "decode_error"), ("i4", 0, "fetch_error"),
+        ("i0", 0, "ok"),
+        ("i0", 1, "ok"),
+        ("i1", 0, "ok"),
+        ("i2", 0, "invalid_question"),
+        ("i2", 1, "ok"),
+        ("i3", 0, "decode_error"),
+        ("i4", 0, "fetch_error"),
     ]
     assert all((r["answer"] is not None) == (r["status"] == "ok") for r in out.to_pylist())
 
@@ -133,7 +150,7 @@ def test_writer_commits_each_shard_once_despite_duplicates(local_job):
     out = read_output(job.output.uri)
     assert out.column("id").to_pylist() == ["i0", "i1", "i2", "i3", "i4"]
     assert out.column("extra").to_pylist() == [1.5, 2.5, 3.5, 4.5, 5.5]
-    stats = json.loads(open(job.output.uri + f"/shards/{s0.shard_id}.stats.json").read())
+    stats = json.loads((Path(job.output.uri) / "shards" / f"{s0.shard_id}.stats.json").read_text())
     assert stats["rows"] == 2 and stats["statuses"] == {"ok": 2} and stats["tokens"] == 6
 
 
@@ -159,11 +176,13 @@ def test_writer_aborts_when_failing_everywhere(local_job):
 
 def test_manifest_errors_name_file_column_and_row(tmp_path, local_job):
     pq.write_table(pa.table({"id": [1, 2], "image": ["a", "b"]}), tmp_path / "ints.parquet")
-    with pytest.raises(ManifestError, match=r"ints.parquet: column 'id' must be a string.*example row"):
-        plan(local_job(input={"uri": str(tmp_path / "ints.parquet")}))
+    with pytest.raises(
+        ManifestError, match=r"ints.parquet: column 'id' must be a string.*example row"
+    ):
+        plan(local_job(input={"uri": str(tmp_path / "ints.parquet")}, task={"kind": "caption"}))
     pq.write_table(pa.table({"id": ["a", None], "image": ["a", "b"]}), tmp_path / "null.parquet")
     with pytest.raises(ManifestError, match=r"null.parquet: column 'id' is null at row 1"):
-        plan(local_job(input={"uri": str(tmp_path / "null.parquet")}))
+        plan(local_job(input={"uri": str(tmp_path / "null.parquet")}, task={"kind": "caption"}))
     pq.write_table(pa.table({"id": ["a"], "image": ["x"]}), tmp_path / "noq.parquet")
     with pytest.raises(ManifestError, match=r"'question/questions' is required for task vqa"):
         plan(local_job(input={"uri": str(tmp_path / "noq.parquet")}))
@@ -175,7 +194,11 @@ def test_done_keys_mark_rows_unchanged(local_job):
     rows = ReadStage(job)(shards)
     first = FetchStage(job, default_policy(job, p.files), "fp")(rows)
     keys = sorted({int(k, 16) for ks in first.column("row_keys").to_pylist()[:2] for k in ks})
-    again = FetchStage(job, default_policy(job, p.files), "fp", np.array(keys, dtype=np.uint64))(rows)
+    again = FetchStage(job, default_policy(job, p.files), "fp", np.array(keys, dtype=np.uint64))(
+        rows
+    )
     assert again.column("status").to_pylist()[:3] == ["unchanged", "unchanged", "ok"]
-    other = FetchStage(job, default_policy(job, p.files), "fp2", np.array(keys, dtype=np.uint64))(rows)
+    other = FetchStage(job, default_policy(job, p.files), "fp2", np.array(keys, dtype=np.uint64))(
+        rows
+    )
     assert other.column("status").to_pylist()[:2] == ["ok", "ok"]

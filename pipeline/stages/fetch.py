@@ -94,10 +94,17 @@ class FetchStage:
                 info = fs.info(path)
                 size = info.get("size")
                 identity = str(
-                    info.get("ETag") or info.get("etag") or f"{size}:{info.get('mtime') or info.get('LastModified')}"
+                    info.get("ETag")
+                    or info.get("etag")
+                    or f"{size}:{info.get('mtime') or info.get('LastModified')}"
                 ).strip('"')
                 if size is not None and size > limit:
-                    return TOO_LARGE, None, f"image object is {size} bytes > limit {limit}", identity
+                    return (
+                        TOO_LARGE,
+                        None,
+                        f"image object is {size} bytes > limit {limit}",
+                        identity,
+                    )
                 with fs.open(path, "rb") as f:
                     data = f.read(limit + 1)
                 if len(data) > limit:
@@ -120,7 +127,9 @@ class FetchStage:
         results: dict[int, tuple] = {}
         if todo:
             with ThreadPoolExecutor(min(len(todo), self.job.resources.fetch_threads)) as pool:
-                for i, res in zip(todo, pool.map(lambda i: self._fetch(rows[i]["image"]), todo), strict=True):
+                for i, res in zip(
+                    todo, pool.map(lambda i: self._fetch(rows[i]["image"]), todo), strict=True
+                ):
                     results[i] = res
         limit = self.job.limits.max_image_bytes
         status, error, data, identity, keys = [], [], [], [], []
@@ -131,9 +140,15 @@ class FetchStage:
             elif blob is not None:
                 ident = "sha1:" + hashlib.sha1(blob).hexdigest()
                 if len(blob) > limit:
-                    st, blob, err = TOO_LARGE, None, f"image_bytes is {len(blob)} bytes > limit {limit}"
+                    st, blob, err = (
+                        TOO_LARGE,
+                        None,
+                        f"image_bytes is {len(blob)} bytes > limit {limit}",
+                    )
             history = [r["history_queries"], r["history_answers"]]
-            row_keys = [row_key(self.fingerprint, r["id"], ident, q, history) for q in r["questions"]]
+            row_keys = [
+                row_key(self.fingerprint, r["id"], ident, q, history) for q in r["questions"]
+            ]
             if st == OK and self._all_done(row_keys):
                 st, blob, err = UNCHANGED, None, None
             status.append(st)

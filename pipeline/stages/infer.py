@@ -95,7 +95,9 @@ class InferStage:
 
     def _answer(self, embeds, jobs: list[tuple[int, str, tuple]]) -> list:
         """Answer (image index, question, history) prompts, longest first, in chunks."""
-        order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][1]) - sum(map(len, jobs[j][2][0])))
+        order = sorted(
+            range(len(jobs)), key=lambda j: -len(jobs[j][1]) - sum(map(len, jobs[j][2][0]))
+        )
         answers: list = [None] * len(jobs)
         for c in range(0, len(order), self.batch_size):
             chunk = order[c : c + self.batch_size]
@@ -138,20 +140,26 @@ class InferStage:
         for k, i in enumerate(images):
             r = rows[i]
             history = (r["history_queries"] or [], r["history_answers"] or [])
-            for qi, (q, problem) in enumerate(zip(r["questions"], r["question_errors"], strict=True)):
+            for qi, (q, problem) in enumerate(
+                zip(r["questions"], r["question_errors"], strict=True)
+            ):
                 if problem is None:
                     jobs.append((k, q, history))
                     owners.append((i, qi))
         answers: dict[tuple[int, int], object] = {}
         if jobs:
             with torch.inference_mode():
-                embeds = self.model.encode_images(self._pixel_tensor([rows[i]["pixels"] for i in images]))
+                embeds = self.model.encode_images(
+                    self._pixel_tensor([rows[i]["pixels"] for i in images])
+                )
                 for owner, a in zip(owners, self._answer(embeds, jobs), strict=True):
                     answers[owner] = a
         latency = time.perf_counter() - t0
         out = []
         for i, r in enumerate(rows):
-            for qi, (q, problem) in enumerate(zip(r["questions"], r["question_errors"], strict=True)):
+            for qi, (q, problem) in enumerate(
+                zip(r["questions"], r["question_errors"], strict=True)
+            ):
                 status, error, answer, ntok = r["status"], r["error"], None, 0
                 if status == OK and problem is not None:
                     status, error = INVALID_QUESTION, problem

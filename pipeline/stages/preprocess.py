@@ -31,7 +31,11 @@ class PreprocessStage:
         self.mode = mode
 
     def _pixels(self, data: bytes) -> bytes:
-        image = decode_image(data, self.max_pixels, draft_size=self.processor.image_size if self.mode == "fast" else None)
+        image = decode_image(
+            data,
+            self.max_pixels,
+            draft_size=self.processor.image_size if self.mode == "fast" else None,
+        )
         if self.mode == "fast":
             return self.processor.preprocess_uint8(image).tobytes()
         return self.processor([image])[0].numpy().astype("float32").tobytes()
