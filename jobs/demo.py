@@ -59,7 +59,9 @@ def write_manifests(root: Path, images: list[Path]) -> tuple[Path, Path]:
     return cap_path, vqa_path
 
 
-def write_job(path: Path, manifest: Path, output: Path, visual: str, llm: str, kind: str) -> Path:
+def write_job(
+    path: Path, manifest: Path, output: Path, images: Path, visual: str, llm: str, kind: str
+) -> Path:
     job = {
         "name": f"demo-{kind}",
         "input": {"uri": str(manifest.resolve())},
@@ -68,6 +70,8 @@ def write_job(path: Path, manifest: Path, output: Path, visual: str, llm: str, k
         "model": {"visual": visual, "llm": llm, "dtype": "fp32"},
         "generation": {"max_new_tokens": 16},
         "resources": {"actors": 1, "batch_size": 8},
+        # Images may come only from here: anything else in the manifest ends as invalid_path.
+        "limits": {"allowed_locations": [str(images.resolve()) + "/"]},
         "run": {"mode": "overwrite"},
     }
     path.write_text(yaml.safe_dump(job, sort_keys=False, allow_unicode=True))
@@ -87,21 +91,15 @@ def run_demo(directory: str) -> int:
     cap_manifest, vqa_manifest = write_manifests(root, images)
     jobs = [
         write_job(
-            root / "caption.yaml",
-            cap_manifest,
-            root / "output/caption",
+            root / f"{kind}.yaml",
+            manifest,
+            root / "output" / kind,
+            root / "images",
             str(tiny.visual_dir),
             str(tiny.llm_dir),
-            "caption",
-        ),
-        write_job(
-            root / "vqa.yaml",
-            vqa_manifest,
-            root / "output/vqa",
-            str(tiny.visual_dir),
-            str(tiny.llm_dir),
-            "vqa",
-        ),
+            kind,
+        )
+        for kind, manifest in (("caption", cap_manifest), ("vqa", vqa_manifest))
     ]
     print("Tiny random-weight model: the answers below are meaningless text, the pipeline is real.")
     for job_file in jobs:

@@ -21,7 +21,11 @@ from pipeline.writer import JobAborted, Tally
 
 def init_ray(address: str | None = None) -> None:
     import ray
+    import ray.data
 
+    # Our own progress line replaces Ray Data's progress bars and per-operator log lines.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

@@ -107,6 +107,8 @@ def build(shards: Any, ctx: Context) -> Any:
     want); the model stage is an actor pool with its own resource request, so preprocessing never
     runs inside a model actor.
     """
+    import ray
+
     job, res = ctx.job, ctx.job.resources
     # The CPU stages reserve the memory that decoding an image at the pixel limit needs. That
     # also makes their resource request differ from the model actors', which is what stops Ray
@@ -135,7 +137,7 @@ def build(shards: Any, ctx: Context) -> Any:
         fn_constructor_args=(ctx.loader, _generation(job), res.batch_size, job.preprocess.mode),
         batch_size=res.batch_size or (64 if gpu else 8),
         batch_format="pyarrow",
-        concurrency=res.actors,
+        compute=ray.data.ActorPoolStrategy(size=res.actors),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
     )
