@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -18,7 +19,14 @@ import botocore.exceptions
 import pytest
 
 from tests.support.faultproxy import FaultProxy, Faults
-from tests.support.s3 import MotoS3, client, moto_s3, s3fs_filesystem
+from tests.support.s3 import (
+    MotoS3,
+    aws_env,
+    client,
+    moto_s3,
+    pyarrow_filesystem,
+    s3fs_filesystem,
+)
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +228,7 @@ def test_upstream_down_answers_502(echo):
     assert proxy.stats().upstream_errors == 1
 
 
+@pytest.mark.slow  # about 10 s: botocore backs off up to 1 s after each 503
 def test_s3fs_survives_503s_and_resets(s3, bucket):
     """50 objects written and read back through 10% 503s plus resets: nothing lost."""
     faults = Faults(slowdown=0.10, reset=0.03, reset_after=0.02)
@@ -255,3 +264,61 @@ def test_all_connections_reset_fails_fast_with_a_clear_error(s3, bucket):
         elapsed = time.monotonic() - t0
     assert elapsed < 10, elapsed
     assert proxy.stats().resets >= 2 and proxy.stats().forwarded == 0
+
+
+def test_multipart_ranged_get_head_and_listing_pass_through(s3, bucket):
+    """The S3 calls the pipeline makes, byte-exact through the proxy, with faults on."""
+    part = 5 * 2**20  # S3's minimum part size
+    blob = hashlib.sha256(b"seed").digest() * (part // 32) + b"tail"
+    with FaultProxy(s3.endpoint_url, Faults(slowdown_every=7), seed=1) as proxy:
+        fs = s3fs_filesystem(proxy.url)
+        with fs.open(f"{bucket}/big.bin", "wb", block_size=part) as f:
+            f.write(blob)
+            f.write(blob)
+        info = fs.info(f"{bucket}/big.bin")
+        with fs.open(f"{bucket}/big.bin", "rb", block_size=2**16, cache_type="none") as f:
+            f.seek(part + 100)
+            middle = f.read(1000)
+        listed = fs.ls(bucket)
+        log = proxy.requests()
+
+    assert info["size"] == 2 * len(blob)
+    assert middle == (blob + blob)[part + 100 : part + 1100]
+    assert s3.get_bytes(bucket, "big.bin") == blob + blob
+    assert listed == [f"{bucket}/big.bin"]
+    seen = {(r.method, r.query.split("=")[0], r.status) for r in log}
+    assert ("POST", "uploads", 200) in seen  # CreateMultipartUpload
+    assert ("PUT", "partNumber", 200) in seen  # UploadPart
+    assert ("POST", "uploadId", 200) in seen  # CompleteMultipartUpload
+    assert ("GET", "", 206) in seen  # ranged GET
+    assert any(r.method == "HEAD" and r.status == 200 for r in log)
+    assert any(r.method == "GET" and "list-type=2" in r.query for r in log)  # ListObjectsV2
+    assert proxy.stats().slowdowns >= 1
+
+
+def test_pyarrow_parquet_through_503s(s3, bucket):
+    """pyarrow's own S3 client (what Ray's Parquet I/O uses) retries the injected 503s."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": list(range(20_000)), "text": ["hello"] * 20_000})
+    with FaultProxy(s3.endpoint_url, Faults(slowdown_every=3), seed=2) as proxy:
+        fs = pyarrow_filesystem(proxy.url)
+        pq.write_table(table, f"{bucket}/t.parquet", filesystem=fs)
+        back = pq.read_table(f"{bucket}/t.parquet", filesystem=fs)
+    assert back.equals(table)
+    assert proxy.stats().slowdowns >= 2
+
+
+def test_aws_env_sets_dummies_and_restores(monkeypatch):
+    monkeypatch.setenv("AWS_PROFILE", "someone-elses")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "before")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with aws_env("http://127.0.0.1:1") as env:
+        assert os.environ["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1"
+        assert os.environ["AWS_EC2_METADATA_DISABLED"] == "true"
+        assert os.environ["AWS_ACCESS_KEY_ID"] == env["AWS_ACCESS_KEY_ID"] != "before"
+        assert "AWS_PROFILE" not in os.environ
+    assert os.environ["AWS_PROFILE"] == "someone-elses"
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "before"
+    assert "AWS_ENDPOINT_URL" not in os.environ

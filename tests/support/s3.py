@@ -246,6 +246,7 @@ class MotoS3:
         return pyarrow_filesystem(self.endpoint_url, **kwargs)
 
     def reset(self) -> None:
+        """Empty the whole server: only for a server this test module owns, not a shared one."""
         reset_moto(self.endpoint_url)
         self.buckets.clear()
 
