@@ -28,7 +28,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from os.path import realpath
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -40,6 +40,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$")
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_\-]*[A-Za-z0-9_])?$")
 _MAX_DECODE_ROUNDS = 3
 _MAX_URL_CHARS = 8192
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 _BIDI_AND_BOM = frozenset(
     "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"
 )
@@ -185,17 +186,21 @@ class LocationPolicy:
             raise UnsafeLocation("credentials in URLs are not allowed")
         if not parts.hostname:
             raise UnsafeLocation("URL has no host")
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # Percent-encode what may not go raw into a request line (non-ASCII, spaces); '%'
+        # stays safe so an already-encoded URL is sent as given.
+        path = quote(
+            (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_URL_SAFE
+        )
         self._check_length(parts.path, "URL path")
         if len(url) > _MAX_URL_CHARS:  # signed URLs carry long queries, hence a larger bound
             raise UnsafeLocation(f"URL too long ({len(url)} chars > {_MAX_URL_CHARS})")
         if parts.path not in ("", "/"):
             _check_segments(parts.path[1:], "URL path", allow_empty=True)
-        host, addresses = self._host_addresses(parts.hostname, port)
         normalized = f"{scheme}://{parts.netloc.lower()}{parts.path}"
         http_prefixes = [p for p in self.allowed if p.startswith(("http://", "https://"))]
         if http_prefixes and not any(normalized.startswith(p) for p in http_prefixes):
             raise UnsafeLocation("URL is outside the allowed locations")
+        host, addresses = self._host_addresses(parts.hostname, port)  # DNS last: no lookup
         return HttpTarget(url, scheme, host, port, path, tuple(addresses))
 
     def _host_addresses(self, hostname: str, port: int) -> tuple[str, list[str]]:

@@ -80,7 +80,7 @@ def echo() -> Iterator[ThreadingHTTPServer]:
     server.daemon_threads = True
     server.block_on_close = False
     server.seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
     server.shutdown()

@@ -325,7 +325,7 @@ class _Site(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.hits.append((self.path, self.headers.get("Host")))
         path, _, query = self.path.partition("?")
-        if path == "/img":
+        if path in ("/img", "/%E7%8C%AB%20x.jpg"):
             self._reply(200, self.image)
         elif path == "/big":
             self._reply(200, b"x" * 5000)
@@ -370,7 +370,7 @@ def site() -> Iterator[tuple[ThreadingHTTPServer, int]]:
     server.daemon_threads = True
     server.block_on_close = False
     server.hits = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server, server.server_address[1]
     server.shutdown()
     server.server_close()
@@ -406,6 +406,20 @@ def test_fetch_sends_the_name_but_connects_to_the_checked_address(site, connecti
     assert data == _Site.image
     assert server.hits == [("/img", f"images.test:{port}")]
     assert connections == [("127.0.0.1", port)]
+
+
+def test_non_ascii_and_spaces_are_encoded_in_the_request_line(site):
+    server, port = site
+    assert safe_http_get(f"http://images.test:{port}/猫 x.jpg", site_policy(), 1 << 20)
+    assert safe_http_get(f"http://images.test:{port}/%E7%8C%AB%20x.jpg", site_policy(), 1 << 20)
+    assert [p for p, _ in server.hits] == ["/%E7%8C%AB%20x.jpg"] * 2
+
+
+def test_dns_is_not_asked_for_urls_outside_the_http_prefixes():
+    dns = FakeDNS(DNS)
+    policy = make_policy(allowed=["https://images.example.com/public/"], resolver=dns)
+    assert "outside the allowed" in policy.check("https://v6.example.com/x.jpg")
+    assert dns.asked == []
 
 
 def test_redirects_are_followed_and_each_hop_is_checked(site, connections):

@@ -20,6 +20,11 @@ requests are counted and logged. The same seed gives the same faults for the sam
 requests; concurrent clients interleave differently from run to run, so assert on counts
 ("> 0", "== 0"), not on which request failed.
 
+Logged paths are `/bucket/key`, percent-decoded: clients use path-style addressing for an IP
+endpoint such as 127.0.0.1. The proxy can sit in front of moto for a whole test session with
+no faults (`NO_FAULTS`), and a test turns faults on with `set_faults` and off again after;
+Ray workers reach it over loopback like any endpoint.
+
 Request bodies (Content-Length or chunked) are read whole and forwarded with a Content-Length;
 responses are forwarded whole (test objects are small). The Host header is forwarded unchanged
 so a SigV4 signature made for the proxy's address stays consistent (moto does not check it).
@@ -154,6 +159,7 @@ class FaultProxy:
         self._stats = Stats()
         self._log: list[Request] = []
         self._matching = 0  # requests that matched the filter (for *_every)
+        self._injected = 0  # faults injected under the current Faults (for max_faults)
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
         self._server.idle_timeout = idle_timeout
@@ -164,7 +170,10 @@ class FaultProxy:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> FaultProxy:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="faultproxy", daemon=True
+            target=self._server.serve_forever,
+            args=(0.05,),  # shutdown() waits up to one poll interval
+            name="faultproxy",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -187,6 +196,7 @@ class FaultProxy:
         with self._lock:
             self._faults = faults
             self._matching = 0
+            self._injected = 0
             if seed is not None:
                 self._rng = random.Random(seed)
 
@@ -237,7 +247,7 @@ class FaultProxy:
             self._matching += 1
             n = self._matching
             fault: str | None = None
-            if f.max_faults is None or self._stats.faults < f.max_faults:
+            if f.max_faults is None or self._injected < f.max_faults:
                 if (f.reset_every and n % f.reset_every == 0) or u < f.reset:
                     fault = "reset"
                 elif (f.reset_after_every and n % f.reset_after_every == 0) or (
@@ -256,6 +266,7 @@ class FaultProxy:
             elif fault == "reset_after":
                 self._stats.resets_after += 1
             if fault:
+                self._injected += 1
                 self._stats.by_fault[fault] = self._stats.by_fault.get(fault, 0) + 1
             if delayed:
                 self._stats.delays += 1
