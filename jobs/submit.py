@@ -226,7 +226,6 @@ def _address_env_cleared() -> Iterator[None]:
 
 def connect(address: str) -> Any:
     """A `JobSubmissionClient` for `address`, or a SubmitError saying why it cannot connect."""
-    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     headers = auth_headers()
@@ -239,11 +238,6 @@ def connect(address: str) -> Any:
     try:
         with _address_env_cleared():
             return JobSubmissionClient(address, headers=headers)
-    except AuthenticationError as err:
-        raise SubmitError(
-            f"{address} refused the request: {str(err).splitlines()[0]} — set RAY_AUTH_TOKEN or "
-            "RAY_AUTH_TOKEN_PATH to the cluster's token (infra/README.md, 'Token auth')"
-        ) from None
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SubmitError(
             f"cannot reach the Ray Job API at {address}: {err} (is the head running with its "
@@ -410,11 +404,20 @@ def _guarded(func: Any) -> Any:
     """Turn expected failures into one clear line on stderr and exit code 2."""
 
     def run(args: argparse.Namespace) -> int:
+        from ray.exceptions import AuthenticationError
+
         try:
             return int(func(args))
         except (SubmitError, JobConfigError) as err:
             print(f"error: {err}", file=sys.stderr)
-            return 2
+        except AuthenticationError as err:
+            print(
+                f"error: {args.address} refused the request: {str(err).splitlines()[0]} — set "
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token "
+                "(infra/README.md, 'Token auth')",
+                file=sys.stderr,
+            )
+        return 2
 
     return run
 
