@@ -36,40 +36,44 @@ def _strip_controls(text: str) -> str:
 
 
 def clean_text(value: Any, max_chars: int) -> tuple[str | None, str | None]:
-    """Clean one question; return `(text, problem)`.
+    """Clean one question; return `(text, None)` or `(None, problem)`.
 
-    `text is None` means the value is unusable and `problem` says why (the caller marks the
-    row `invalid_question` with it). When `text` is set, `problem` is normally None; it is a
-    note only when the input had to be repaired in a way the user should hear about (bytes
-    that were not UTF-8, lone surrogates), so the caller can log or keep it.
+    Exactly one of the two is set: `problem` says why the value is unusable (the caller marks
+    the question `invalid_question` with it). Repairs (bytes that were not UTF-8, lone
+    surrogates) are not problems: the repaired text carries U+FFFD where the bad input was,
+    which is visible in the output, and `repairs(value)` names them for a caller that logs.
 
     Steps: bytes are decoded as UTF-8 (bad bytes become U+FFFD); lone surrogates are replaced;
     control characters other than newline and tab, and zero-width characters, are removed; the
     text is NFC-normalized and stripped. Empty results and results longer than `max_chars`
     (counted after cleaning, in code points) are problems.
     """
-    note: str | None = None
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None, "missing question"
     if isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value)
-        try:
-            value = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            value = raw.decode("utf-8", "replace")
-            note = "question was not valid UTF-8; undecodable bytes were replaced"
+        value = bytes(value).decode("utf-8", "replace")
     if not isinstance(value, str):
         return None, f"question is not text ({type(value).__name__})"
-    fixed = fix_surrogates(value)
-    # A valid pair joined into one character is not worth a note; a replaced lone one is.
-    if note is None and fixed.count("\ufffd") > value.count("\ufffd"):
-        note = "question had lone UTF-16 surrogates; they were replaced"
-    text = unicodedata.normalize("NFC", _strip_controls(fixed)).strip()
+    text = unicodedata.normalize("NFC", _strip_controls(fix_surrogates(value))).strip()
     if not text:
         return None, "empty question"
     if len(text) > max_chars:
         return None, f"question too long ({len(text)} chars > {max_chars})"
-    return text, note
+    return text, None
+
+
+def repairs(value: Any) -> list[str]:
+    """What `clean_text` had to repair in `value` (for logs): bad UTF-8, lone surrogates."""
+    found = []
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            found.append("not valid UTF-8; undecodable bytes were replaced")
+    # A valid pair joined into one character is no repair; a replaced lone one is.
+    elif isinstance(value, str) and fix_surrogates(value).count("\ufffd") > value.count("\ufffd"):
+        found.append("lone UTF-16 surrogates were replaced")
+    return found
 
 
 def sanitize_for_arrow(value: Any) -> Any:

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.text import clean_text, fix_surrogates, sanitize_for_arrow
+from pipeline.text import clean_text, fix_surrogates, repairs, sanitize_for_arrow
 
 MAX = 50
 
-# (input, expected text, expected problem); problem None means clean with no note.
+# (input, expected text, expected problem): exactly one of text and problem is set.
 CASES = [
     ("What is in the picture?", "What is in the picture?", None),
     ("  padded \n\t ", "padded", None),
@@ -30,22 +30,22 @@ CASES = [
     (
         "lone \ud800 high",
         "lone \ufffd high",
-        "question had lone UTF-16 surrogates; they were replaced",
+        None,
     ),
     (
         "lone low \udfff",
         "lone low \ufffd",
-        "question had lone UTF-16 surrogates; they were replaced",
+        None,
     ),
-    ("\udc80", "\ufffd", "question had lone UTF-16 surrogates; they were replaced"),
+    ("\udc80", "\ufffd", None),
     ("问这是什么？".encode(), "问这是什么？", None),
     (
         b"latin-1 caf\xe9",
         "latin-1 caf\ufffd",
-        "question was not valid UTF-8; undecodable bytes were replaced",
+        None,
     ),
     (bytearray(b" ok "), "ok", None),
-    (b"\xff\xfe", "\ufffd\ufffd", "question was not valid UTF-8; undecodable bytes were replaced"),
+    (b"\xff\xfe", "\ufffd\ufffd", None),
     (b"", None, "empty question"),
     ("", None, "empty question"),
     ("   \n\t  ", None, "empty question"),
@@ -66,6 +66,22 @@ CASES = [
 @pytest.mark.parametrize(("value", "text", "problem"), CASES)
 def test_clean_text(value, text, problem):
     assert clean_text(value, MAX) == (text, problem)
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [
+        ("fine", []),
+        ("pair \ud83d\ude00", []),
+        ("already \ufffd here", []),
+        ("lone \ud800", ["lone UTF-16 surrogates were replaced"]),
+        ("caf\u00e9".encode(), []),
+        (b"caf\xe9", ["not valid UTF-8; undecodable bytes were replaced"]),
+        (None, []),
+    ],
+)
+def test_repairs_names_what_was_fixed(value, found):
+    assert repairs(value) == found
 
 
 def test_cleaned_text_has_no_controls_zero_width_or_surrogates():
