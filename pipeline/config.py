@@ -103,7 +103,12 @@ class ResourcesConfig(_Strict):
     gpus_per_actor: float = Field(
         default=0, ge=0, description="GPUs per model actor; 0 runs the model on CPU."
     )
-    cpus_per_actor: float = Field(default=1, gt=0, description="CPUs reserved per model actor.")
+    cpus_per_actor: float = Field(
+        default=1,
+        ge=0,
+        description="CPUs reserved per model actor; 0 lets GPU actors (or benchmark stand-ins) "
+        "leave every CPU to preprocessing.",
+    )
     batch_size: int | None = Field(
         default=None,
         ge=1,
