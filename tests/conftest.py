@@ -58,20 +58,15 @@ def photo_dir(tmp_path_factory) -> Path:
 def moto_endpoint():
     """A real S3-compatible server (moto) on 127.0.0.1, with dummy credentials in the env.
 
-    AWS_ENDPOINT_URL is set before Ray starts, so Ray workers reach the same server.
+    AWS_ENDPOINT_URL is set before Ray starts, so Ray workers reach the same server; profile
+    and session-token variables that would select other credentials are unset meanwhile.
     """
-    from tests.support.s3 import dummy_env, start_moto
+    from tests.support.s3 import aws_env, start_moto
 
     server, url = start_moto()
-    saved = {k: os.environ.get(k) for k in dummy_env(url)}
-    os.environ.update(dummy_env(url))
-    yield url
+    with aws_env(url):
+        yield url
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
