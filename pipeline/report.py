@@ -68,6 +68,7 @@ class RunData:
     sample: list[dict[str, Any]] = field(default_factory=list)
     extra_columns: list[str] = field(default_factory=list)
     model: str | None = None
+    task: str | None = None
     generation: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -188,6 +189,8 @@ def load_run(
             run.model, run.generation = table.column("model")[0].as_py(), None
             if "generation" in table.column_names:
                 run.generation = table.column("generation")[0].as_py()
+            if "task" in table.column_names:
+                run.task = table.column("task")[0].as_py()
         failed_idx = np.flatnonzero(~ok)
         run.failed_total += len(failed_idx)
         room = MAX_FAILED_LISTED - len(run.failed)
@@ -219,31 +222,36 @@ def _epoch(value: Any) -> float | None:
 
 
 def summarize(run: RunData) -> dict[str, Any]:
-    """The run's headline numbers: summary.json of a finished run, else computed from stats."""
+    """The run's headline numbers: summary.json of a finished run, else computed from stats.
+
+    Without a summary, rates are measured between the first and the last commit (the stats
+    files hold commit times, to the second): rows committed after the first commit over that
+    span. With fewer than two commits a second apart there is no honest rate to show.
+    """
     if run.finished and run.summary is not None:
         return {**run.summary, "source": "summary.json"}
-    tokens = sum(int(s.get("tokens") or 0) for s in run.stats)
-    rows_in = sum(int(s.get("input_rows") or 0) for s in run.stats)
-    ends = [_epoch(s.get("committed_at")) for s in run.stats]
-    if run.stats and all(e is not None for e in ends):
-        starts = [e - float(s.get("duration_s") or 0) for e, s in zip(ends, run.stats, strict=True)]
-        wall = max(ends) - min(starts)  # type: ignore[type-var]
-    else:
-        wall = sum(float(s.get("duration_s") or 0) for s in run.stats)
-    statuses: Counter = Counter()
-    for s in run.stats:
-        statuses.update({k: int(v) for k, v in (s.get("statuses") or {}).items()})
+    timed = sorted(
+        ((t, s) for s in run.stats if (t := _epoch(s.get("committed_at"))) is not None),
+        key=lambda ts: ts[0],
+    )
+    rate = wall = None
+    if len(timed) >= 2 and timed[-1][0] - timed[0][0] >= 1:
+        wall = timed[-1][0] - timed[0][0]
+        after = [s for _, s in timed[1:]]
+        rate = (
+            sum(int(s.get("input_rows") or 0) for s in after) / wall,
+            sum(int(s.get("tokens") or 0) for s in after) / wall,
+        )
     return {
-        "rows_in": rows_in,
+        "rows_in": sum(int(s.get("input_rows") or 0) for s in run.stats),
         "rows_out": sum(int(s.get("rows") or 0) for s in run.stats),
-        "statuses": dict(statuses),
-        "images_per_s": rows_in / wall if wall > 0 else None,
-        "tokens_per_s": tokens / wall if wall > 0 else None,
+        "images_per_s": rate[0] if rate else None,
+        "tokens_per_s": rate[1] if rate else None,
         "wall_s": wall,
-        "output": run.output,
+        "wall_label": "first to last commit (s)",
         "model": run.model,
+        "task": run.task,
         "generation": run.generation,
-        "shards_committed": len(run.stats),
         "source": f"computed from {len(run.stats)} committed shards' stats files",
     }
 
@@ -410,7 +418,7 @@ def render(run: RunData, endpoint_url: str | None = None) -> str:
         ),
         ("images/s", _num(s.get("images_per_s"))),
         ("tokens/s", _num(s.get("tokens_per_s"))),
-        ("wall time (s)", _num(s.get("wall_s"), 1)),
+        (s.get("wall_label", "wall time (s)"), _num(s.get("wall_s"), 1)),
         ("model", _esc(s.get("model"))),
         ("task", _esc(s.get("task"))),
         ("generation", _esc(gen)),

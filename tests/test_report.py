@@ -103,6 +103,15 @@ def test_in_progress_run_is_reported_from_committed_shards(tmp_path: Path):
     assert counts in text
 
 
+def test_no_rate_without_two_commits_a_second_apart(tmp_path: Path):
+    layout = write_layout(tmp_path / "out", tmp_path / "images", finished=False)
+    for path in (layout.out / "shards").glob("*.stats.json"):
+        stats = json.loads(path.read_text())
+        path.write_text(json.dumps({**stats, "committed_at": "2026-01-01T00:00:00Z"}))
+    text, page = _report(str(layout.out), tmp_path, sample=1000)
+    assert "<th>images/s</th><td>–</td>" in text and len(page.items()) == len(layout.rows)
+
+
 def test_unreadable_shard_is_named_and_skipped(layout: Layout, tmp_path: Path):
     shards = layout.out / "shards"
     bad = next(p for p in shards.glob("*.parquet") if not p.with_suffix(".stats.json").exists())
