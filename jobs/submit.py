@@ -171,6 +171,23 @@ def runtime_env(root: Path, extra_json: str | None) -> dict[str, Any]:
     return env
 
 
+def uploaded(root: Path, rel: str) -> bool:
+    """Whether Ray's working-dir upload keeps `rel`: not matched by EXCLUDES, `.gitignore` or
+    `.rayignore` (top level), using the matcher Ray itself uses for them."""
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    lines = list(EXCLUDES)
+    ignore_files = [".rayignore"]
+    if os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE") != "1":
+        ignore_files.append(".gitignore")
+    for name in ignore_files:
+        with contextlib.suppress(OSError):
+            lines += (root / name).read_text(encoding="utf-8").splitlines()
+    spec = PathSpec.from_lines("gitwildmatch", lines)
+    parts = rel.split("/")
+    return not any(spec.match_file("/".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
 def _local_paths(job: JobConfig) -> list[str]:
     """Job fields that name local paths: fine on one machine, must be shared on a real cluster."""
     uris = {"input.uri": job.input.uri, "output.uri": job.output.uri}
@@ -271,7 +288,8 @@ def _follow(client: Any, sid: str) -> None:
 def _wait(client: Any, sid: str, address: str) -> int:
     """Follow logs to the end; 0 only when the job SUCCEEDED."""
     try:
-        _follow(client, sid)
+        with contextlib.suppress(RuntimeError):  # a dropped log stream: the status still tells
+            _follow(client, sid)
         status = _status(client, sid)
         while status not in TERMINAL:  # the log stream can close a moment before the status
             time.sleep(0.5)
@@ -308,6 +326,11 @@ def _submit(args: argparse.Namespace) -> int:
             f"{args.job} is outside {root}, the directory uploaded as the job's working dir; "
             "put the job file under it (e.g. jobs/) and use --set for per-run values"
         ) from None
+    if not uploaded(root, job_rel):
+        raise SubmitError(
+            f"{job_rel} would not be uploaded (.gitignore, .rayignore or the upload excludes "
+            "leave it out), so the cluster could not read it; put the job file under jobs/"
+        )
     env = runtime_env(root, args.runtime_env_json)
     base = submission_id(job, args.run_key)
     for item in _local_paths(job):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -79,7 +80,7 @@ def _session_pids(session: int) -> list[int]:
 
 def _stop_head(head: Head) -> None:
     """SIGTERM, then SIGKILL, every process of the head's session, and nothing else."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
         for pid in _session_pids(head.session):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -97,6 +98,7 @@ def start_head() -> Head:
     token_file = temp_dir / "auth_token"
     token_file.write_text(token + "\n")
     dash, gcs, client, agent_http, agent_grpc = _free_ports(5)
+    workers = random.randrange(20000, 32000 - 200)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     env |= {
         "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -111,6 +113,8 @@ def start_head() -> Head:
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}", f"--port={gcs}", f"--ray-client-server-port={client}",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        # Worker ports away from the default 10002-19999 that other local Rays use.
+        f"--min-worker-port={workers}", f"--max-worker-port={workers + 199}",
         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -305,6 +309,17 @@ def test_job_files_outside_the_project_are_refused(tmp_path, capsys):
     shutil.copy(ROOT / JOB, outside)
     assert main(["submit", str(outside), "--address", "http://127.0.0.1:1"]) == 2
     assert "outside" in capsys.readouterr().err
+
+
+def test_job_files_the_upload_leaves_out_are_refused(tmp_path, capsys):
+    (tmp_path / ".gitignore").write_text("/scratch/\n*.local.yaml\n")
+    assert submit.uploaded(tmp_path, "jobs/a.yaml")
+    assert not submit.uploaded(tmp_path, "scratch/a.yaml")
+    assert not submit.uploaded(tmp_path, "jobs/a.local.yaml")
+    assert not submit.uploaded(tmp_path, ".venv/lib/a.yaml")  # the upload's own excludes
+    # In this project: the demo's job files live in an ignored folder.
+    assert submit.uploaded(ROOT, JOB)
+    assert not submit.uploaded(ROOT, "ziya-demo/caption.yaml")
 
 
 def test_unreachable_cluster_is_a_clear_error(capsys):
