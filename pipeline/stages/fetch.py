@@ -8,6 +8,9 @@ Output columns: the same, with image_bytes filled, plus image_identity (ETag / s
 A location outside the job's allowed locations becomes `invalid_path` before any request is
 made. Objects larger than `limits.max_image_bytes` are `too_large` from their listed size, so
 their bytes are never read. Storage errors are redacted before they become row errors.
+http(s) URLs (only with `limits.allow_http`) go through `pipeline.locations.safe_http_get`,
+never through fsspec's HTTP filesystem: it re-checks every redirect hop against the policy,
+connects only to the addresses it checked, and bounds the size and the whole fetch's time.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ from pipeline.columns import (
     set_column,
 )
 from pipeline.config import JobConfig
-from pipeline.locations import LocationPolicy
+from pipeline.locations import (
+    FetchError,
+    LocationPolicy,
+    ResponseTooLarge,
+    UnsafeLocation,
+    safe_http_get,
+)
 from pipeline.redact import redact
 from pipeline.storage import filesystem, protocol_of
 
@@ -85,6 +94,8 @@ class FetchStage:
         reason = self.policy.check(uri)
         if reason:
             return INVALID_PATH, None, reason, ""
+        if protocol_of(uri) in ("http", "https"):
+            return self._fetch_http(uri)
         limit = self.job.limits.max_image_bytes
         attempts = self.job.storage.retries + 1
         last = ""
@@ -116,6 +127,27 @@ class FetchStage:
                 return FETCH_ERROR, None, redact(f"{type(err).__name__}: {err}"), ""
             except Exception as err:  # network, throttling, resets: retry with backoff
                 last = redact(f"{type(err).__name__}: {err}")
+                if attempt + 1 < attempts:
+                    time.sleep(min(2.0, 0.1 * 2**attempt))
+        return FETCH_ERROR, None, f"gave up after {attempts} attempts: {last}", ""
+
+    def _fetch_http(self, url: str) -> tuple[str, bytes | None, str | None, str]:
+        """An http(s) image through `safe_http_get`; client errors (4xx) are not retried."""
+        limit = self.job.limits.max_image_bytes
+        attempts = self.job.storage.retries + 1
+        last = ""
+        for attempt in range(attempts):
+            try:
+                data = safe_http_get(url, self.policy, limit, timeout=self.job.storage.timeout_s)
+                return OK, data, None, "sha1:" + hashlib.sha1(data).hexdigest()
+            except UnsafeLocation as err:  # a hop (a redirect) the policy refuses: never contacted
+                return INVALID_PATH, None, redact(f"refused while fetching: {err}"), ""
+            except ResponseTooLarge as err:
+                return TOO_LARGE, None, redact(str(err)), ""
+            except FetchError as err:
+                last = redact(str(err))
+                if last.startswith("HTTP 4"):
+                    return FETCH_ERROR, None, last, ""
                 if attempt + 1 < attempts:
                     time.sleep(min(2.0, 0.1 * 2**attempt))
         return FETCH_ERROR, None, f"gave up after {attempts} attempts: {last}", ""
