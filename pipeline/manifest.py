@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig, StorageConfig
 from pipeline.storage import filesystem, full_uri
+from pipeline.text import repair_utf8
 
 # Columns the pipeline reads from a manifest; everything else passes through untouched.
 ID = "id"
@@ -91,7 +92,11 @@ def list_manifest_files(uri: str | list[str], storage: StorageConfig) -> list[st
 
 
 def _example(table: pa.Table, index: int = 0) -> str:
-    row = {k: v for k, v in table.slice(index, 1).to_pylist()[0].items() if k != IMAGE_BYTES}
+    row = {
+        k: v
+        for k, v in repair_utf8(table.slice(index, 1)).to_pylist()[0].items()
+        if k != IMAGE_BYTES
+    }
     text = repr(row)
     return text if len(text) <= 300 else text[:300] + "…"
 
@@ -212,7 +217,8 @@ def _check_unique(all_ids: list[pa.ChunkedArray], files: list[str]) -> None:
 def read_rows(shard: Shard, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
     """Rows [start, end) of the shard's manifest file, plus `row` (index within the file).
 
-    Only the row groups that overlap the range are read.
+    Only the row groups that overlap the range are read. Invalid UTF-8 in string columns is
+    replaced (U+FFFD), so neither the stages nor the output writer fail on a bad string.
     """
     fs, path = filesystem(shard.path, storage)
     with fs.open(path, "rb") as f:
@@ -231,4 +237,4 @@ def read_rows(shard: Shard, storage: StorageConfig, columns: list[str] | None = 
     table = table.append_column("row", pa.array(range(shard.start, shard.end), type=pa.int64()))
     if shard.rows is not None:
         table = table.filter(pc.is_in(table.column("row"), pa.array(shard.rows, pa.int64())))
-    return table
+    return repair_utf8(table)

@@ -13,6 +13,8 @@ import math
 import unicodedata
 from typing import Any
 
+import pyarrow as pa
+
 # Zero-width characters that render as nothing but change tokenization (and can smuggle text).
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 _KEEP_CONTROLS = {"\n", "\t"}
@@ -92,3 +94,68 @@ def sanitize_for_arrow(value: Any) -> Any:
     if isinstance(value, dict):
         return {sanitize_for_arrow(k): sanitize_for_arrow(v) for k, v in value.items()}
     return value
+
+
+def _has_text(t: pa.DataType) -> bool:
+    """Whether values of type `t` hold strings anywhere inside (lists, structs, maps)."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return True
+    return any(_has_text(t.field(i).type) for i in range(t.num_fields))
+
+
+def _decoded(value: Any, t: pa.DataType) -> Any:
+    """A Python value read through a binary view of type `t`, with its text decoded leniently."""
+    if value is None:
+        return None
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return bytes(value).decode("utf-8", "replace")
+    if pa.types.is_map(t):
+        return [(_decoded(k, t.key_type), _decoded(v, t.item_type)) for k, v in value]
+    if pa.types.is_struct(t):
+        return {f.name: _decoded(value[f.name], f.type) for f in t}
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return [_decoded(v, t.value_type) for v in value]
+    return value
+
+
+def _as_binary(t: pa.DataType) -> pa.DataType:
+    """`t` with every string type replaced by the binary type of the same width."""
+    if pa.types.is_string(t):
+        return pa.binary()
+    if pa.types.is_large_string(t):
+        return pa.large_binary()
+    if pa.types.is_map(t):
+        return pa.map_(_as_binary(t.key_type), _as_binary(t.item_type))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_as_binary(f.type)) for f in t])
+    if pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_as_binary(t.value_type)))
+    if pa.types.is_large_list(t):
+        return pa.large_list(t.value_field.with_type(_as_binary(t.value_type)))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_as_binary(t.value_type)), t.list_size)
+    return t
+
+
+def repair_utf8(table: pa.Table) -> pa.Table:
+    """`table` with invalid UTF-8 in its string columns (at any depth) replaced by U+FFFD.
+
+    Parquet files written by other tools may hold bytes in string columns that are not UTF-8
+    (Latin-1 text, a lone surrogate encoded as bytes). pyarrow reads them without complaint,
+    but converting them to Python fails, and a reader of our output would fail the same way,
+    so manifest rows are repaired as they are read. Valid columns are returned untouched
+    (checking costs one validation pass); only a column that fails it is rebuilt.
+    """
+    for i, field in enumerate(table.schema):
+        if not _has_text(field.type):
+            continue
+        column = table.column(i)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        raw = column.cast(_as_binary(field.type)).to_pylist()
+        fixed = pa.array([_decoded(v, field.type) for v in raw], type=field.type)
+        table = table.set_column(i, field, fixed)
+    return table
