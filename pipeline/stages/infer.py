@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.columns import INFERENCE_ERROR, INVALID_QUESTION, OK, check_columns
+from pipeline.redact import describe_error
+from pipeline.text import fix_surrogates
 
 INPUT_COLUMNS = {
     "shard": "shard id",
@@ -166,9 +168,10 @@ class InferStage:
                 elif (i, qi) in answers:
                     a = answers[(i, qi)]
                     if isinstance(a, Exception):
-                        status, error = INFERENCE_ERROR, f"{type(a).__name__}: {a}"[:1000]
+                        status, error = INFERENCE_ERROR, fix_surrogates(describe_error(a, 1000))
                     else:
-                        answer, ntok = a.text, a.num_tokens
+                        # A decoder can emit a lone surrogate; Arrow would fail the whole batch.
+                        answer, ntok = fix_surrogates(a.text), a.num_tokens
                 out.append(
                     {
                         "shard": r["shard"],
