@@ -190,3 +190,36 @@ def test_bad_batch_arguments_are_explained(tiny, pixels):
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationSettings(max_new_tokens=0)
     assert model.answer_batch(tokenizer, [], embeds) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batched_equals_chat_and_bf16_runs(tmp_path, pixels):
+    ckpt = write_tiny_checkpoint(tmp_path)
+    model, tokenizer, processor = load_ziya(ckpt.visual_dir, ckpt.llm_dir, device="cuda")
+    rows = _rows()
+    on_device = pixels.to("cuda")
+    answers = model.answer_batch(
+        tokenizer,
+        [q for q, _, _ in rows],
+        model.encode_images(on_device),
+        [i for _, i, _ in rows],
+        [h for _, _, h in rows],
+        GenerationSettings(max_new_tokens=16),
+    )
+    singles = [
+        model.chat(tokenizer, on_device[i : i + 1], q, *(h or ([], [])), max_new_tokens=16)
+        for q, i, h in rows
+    ]
+    assert [a.text for a in answers] == singles
+    bf16, tokenizer, processor = load_ziya(ckpt.visual_dir, ckpt.llm_dir, "bf16", "cuda")
+    raw = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8, device="cuda")
+    embeds = bf16.encode_images(processor.normalize(raw, torch.bfloat16))
+    assert embeds.dtype == torch.bfloat16 and embeds.device.type == "cuda"
+    got = bf16.answer_batch(
+        tokenizer,
+        ["Is there a dog?"] * 4,
+        embeds,
+        generation=GenerationSettings(max_new_tokens=8, min_new_tokens=8),
+    )
+    assert [a.num_tokens for a in got] == [8, 8, 8, 8]

@@ -109,10 +109,10 @@ def decode_image(
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
     img = _open_checked(data, max_pixels)
     try:
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # animated: keep the first frame only
+        # Animated images: open() leaves the first frame current and load() decodes only that
+        # one (asking n_frames would scan every frame of a possibly hostile file).
         if draft_size and img.format in ("JPEG", "MPO"):
-            # draft() keeps both sides >= the request; mode "RGB" also skips CMYK->RGB later.
+            # DCT scaling by 1/2, 1/4 or 1/8, keeping both sides >= the request.
             img.draft("RGB", (draft_size, draft_size))
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when upright
