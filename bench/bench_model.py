@@ -6,8 +6,10 @@
 
 Default: the tiny checkpoint (written to a temp dir, loaded through `load_ziya`), the same rows
 (real photographs, varied questions, some with history) answered by `answer_batch` in batches
-of 32 (one vision forward per batch) and by `chat()` one row at a time; prints rows/s of each,
-the ratio (target >= 10x) and asserts identical greedy answers.
+of 32 (one vision forward per batch) and by `chat()` one row at a time, up to 64 new tokens
+each (a caption's length); prints rows/s of each, the ratio (target >= 10x) and asserts
+identical greedy answers. Chunks of 32 rows alternate between the two paths so that load from
+other processes slows both alike; one CPU thread unless --threads.
 
 Sweep (`--real-dims` / `--tiny-dims`): a model built from the config with random weights
 (ViT-g 1408x39, Q-Former 768, LLaMA-13B 5120x40, vocab 39424 for real dims; bf16 on CUDA,
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     dims.add_argument("--tiny-dims", action="store_true", help="sweep at tiny dims (any device)")
     parser.add_argument("--rows", type=int, default=96, help="rows for the batched-vs-chat run")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 32; sweeps 64")
+    parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens (a caption)")
     parser.add_argument("--batch-sizes", type=str, default=None, help="comma list for sweeps")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=800.0)
@@ -227,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.real_dims or args.tiny_dims:
         default_sizes = "16,64,128,256" if args.real_dims else "4,16,32"
         sizes = [int(b) for b in (args.batch_sizes or default_sizes).split(",")]
-        sweep(args.real_dims, sizes, args.repeats, args.new_tokens or 64, args.peak_tflops)
+        sweep(args.real_dims, sizes, args.repeats, args.new_tokens, args.peak_tflops)
     else:
-        compare_batched_with_chat(args.rows, args.batch, args.new_tokens or 32)
+        compare_batched_with_chat(args.rows, args.batch, args.new_tokens)
     return 0
 
 
