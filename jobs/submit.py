@@ -277,6 +277,9 @@ def _status(client: Any, sid: str) -> str:
 
 def _follow(client: Any, sid: str) -> None:
     """Print the job's log as it grows until the job ends (Ray closes the stream then)."""
+    if _status(client, sid) in TERMINAL:  # the stream would only add a few seconds' wait
+        print(client.get_job_logs(sid), end="", flush=True)
+        return
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(sid):

@@ -239,10 +239,11 @@ def test_submit_runs_the_job_and_a_second_submit_does_not(head, local_job, tmp_p
     assert (tmp_path / "out" / "_SUCCESS").exists()
     shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").iterdir()}
 
-    # The same job again (a scheduler retrying): reported, not run a second time.
-    assert main(_submit_argv(head, overrides)) == 0
+    # The same job again (a scheduler retrying, waiting again): reported, not run a second time.
+    assert main(_submit_argv(head, overrides, "--wait")) == 0
     again = capsys.readouterr().out
     assert f"{sid} is already on the cluster (SUCCEEDED): not starting a second copy" in again
+    assert f"{sid}: SUCCEEDED" in again
     ours = [j for j in client(head.address).list_jobs() if j.submission_id.startswith("ziya-")]
     assert [j.submission_id for j in ours] == [sid]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards").iterdir()} == shards
