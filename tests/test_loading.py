@@ -91,6 +91,13 @@ def test_released_call_keeps_the_passed_language_model(tmp_path):
         ZiyaBlip2ForCausalLM.from_pretrained(
             tiny.visual_dir, language_model=lm, trust_remote_code=True
         )
+    other = write_tiny_checkpoint(tmp_path / "other")
+    config = LlamaForCausalLM.from_pretrained(other.llm_dir).config
+    config.hidden_size, config.intermediate_size = 48, 96
+    with pytest.raises(ValueError, match="hidden size 48 does not match"):
+        ZiyaBlip2ForCausalLM.from_pretrained(
+            tiny.visual_dir, language_model=LlamaForCausalLM(config)
+        )
     with pytest.raises(ValueError, match="weights_only"):
         ZiyaBlip2ForCausalLM.from_pretrained(tiny.visual_dir, language_model=lm, weights_only=False)
 

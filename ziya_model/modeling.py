@@ -171,6 +171,12 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
             **kwargs,
         )
         check_loading_info(info, source=str(pretrained_model_name_or_path))
+        lm_hidden = language_model.get_input_embeddings().weight.shape[1]
+        if lm_hidden != model.language_projection.out_features:
+            raise ValueError(
+                f"language model hidden size {lm_hidden} does not match the visual checkpoint's "
+                f"projection ({model.language_projection.out_features}): wrong LLM directory?"
+            )
         model.language_model = language_model
         return (model, info) if want_info else model
 
