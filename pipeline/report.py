@@ -169,7 +169,10 @@ def load_run(
         table = table.drop_columns(
             [c for c in ("image_bytes", "pixels") if c in table.column_names]
         )
-        run.extra_columns = [c for c in table.column_names if c not in CORE_COLUMNS]
+        # `questions` is where each row's `question` came from: showing it again adds nothing.
+        run.extra_columns = [
+            c for c in table.column_names if c not in CORE_COLUMNS and c != "questions"
+        ]
         n = table.num_rows
         run.rows += n
         if n == 0:
@@ -307,7 +310,10 @@ def histogram(values: np.ndarray, title: str, unit: str, bins: int = 20) -> str:
         return (
             f'<figure><figcaption>{_esc(title)}</figcaption><p class="muted">no data</p></figure>'
         )
-    counts, edges = np.histogram(values, bins=bins)
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:  # one distinct value: numpy would centre a unit range on it (negative latencies)
+        hi = lo + max(abs(lo) * 0.1, 1e-6)
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     width, height, left, bottom = 560, 180, 40, 20
     bw, top = (width - left) / bins, int(counts.max()) or 1
     bars = "".join(
