@@ -379,11 +379,19 @@ def gallery(run: RunData, endpoint_url: str | None = None) -> str:
         items.append(
             f'<article class="item {"ok" if status == "ok" else "bad"}" data-status="{_esc(status)}">'
             f'{img}<div class="body"><p class="meta"><span class="status">{_esc(status)}</span> '
-            f'<span class="id">{_esc(r.get("id"))}</span></p>'
+            f'<span class="id">{_esc(r.get("id"))}</span>{_qlabel(r)}</p>'
             f'<p class="question">{_esc(r.get("question"))}</p>'
             f'<p class="answer">{_esc(r.get("answer"))}</p>{err}<dl>{extras}</dl></div></article>'
         )
     return "\n".join(items)
+
+
+def _qlabel(r: dict[str, Any]) -> str:
+    """Which of the row's questions this is (VQA rows may ask several of one image)."""
+    qi = r.get("question_index")
+    if r.get("task") != "vqa" or not isinstance(qi, int):
+        return ""
+    return f' <span class="qi">q{qi + 1}</span>'
 
 
 def failed_table(run: RunData) -> str:
@@ -392,7 +400,7 @@ def failed_table(run: RunData) -> str:
         return '<p class="muted">no failed rows</p>'
     shown = f" (first {len(run.failed):,} listed)" if run.failed_total > len(run.failed) else ""
     rows = "".join(
-        f"<tr><td>{_esc(r.get('id'))}</td><td>{_esc(r.get('status'))}</td>"
+        f"<tr><td>{_esc(r.get('id'))}{_qlabel(r)}</td><td>{_esc(r.get('status'))}</td>"
         f"<td>{_esc(r.get('error'))}</td><td>{_esc(r.get('image'), 300)}</td></tr>"
         for r in run.failed
     )

@@ -141,6 +141,10 @@ def test_report_of_tiny_run_in_chromium(tmp_path: Path, tiny_run: Path):
         assert b.text(b.find("#visible-count")) == f"showing {len(rows)} of {len(rows)}"
         assert "finished: 3 shards committed" in b.text(b.find(".banner"))
         _check_filters(b, rows)
+        labels = b.execute(
+            "return Array.from(document.querySelectorAll('#gallery .qi'), e => e.textContent)"
+        )
+        assert labels == ["q1"] * len(rows)  # VQA items say which of the row's questions they show
 
         # Untrusted question and pass-through text read literally; nothing from them ran.
         questions = [b.text(e) for e in b.find_all("#gallery .item .question")]
