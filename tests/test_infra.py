@@ -165,10 +165,18 @@ def strict(schema: Any) -> Any:
 
 
 @functools.cache
+def crds() -> list[dict[str, Any]]:
+    """The CRD files, parsed once (each is 13-25k lines)."""
+    return [
+        yaml.load(p.read_text(encoding="utf-8"), Loader=_LOADER)
+        for p in sorted(CRD_DIR.glob("*.yaml"))
+    ]
+
+
+@functools.cache
 def crd_validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
     group, version = api_version.split("/")
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)  # 17k-line files
+    for crd in crds():
         if crd["spec"]["group"] != group or crd["spec"]["names"]["kind"] != kind:
             continue
         for v in crd["spec"]["versions"]:
@@ -227,6 +235,23 @@ def test_crd_validation_catches_mistakes() -> None:
     del missing["spec"]["workerGroupSpecs"][1]["maxReplicas"]
     for bad in (typo, wrong_type, missing):
         assert errors(validator, bad), "validator accepted a broken manifest"
+
+
+def test_manifests_pass_the_operators_own_checks() -> None:
+    """Rules KubeRay's controller enforces beyond the CRD schema (utils/validation.go)."""
+    dns1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+    limits = {"RayCluster": 53, "RayJob": 47, "RayCronJob": 47}  # cluster names get a suffix
+    for kind, limit in limits.items():
+        name = one(kind)["metadata"]["name"]
+        assert dns1035.fullmatch(name) and len(name) <= limit, f"{kind} name {name!r}"
+    for kind, spec in cluster_specs().items():
+        if spec.get("authOptions", {}).get("mode") == "token":
+            assert Version(spec["rayVersion"]) >= Version("2.52.0"), kind
+        for group, g in pod_templates(spec).items():
+            # num-cpus etc. in rayStartParams and the group's `resources` field exclude each other.
+            assert not (g.get("resources") and g["rayStartParams"]), f"{kind}/{group}"
+            # Autoscaler v2 needs restartPolicy Never or unset.
+            assert g["template"]["spec"].get("restartPolicy", "Never") == "Never", f"{kind}/{group}"
 
 
 def test_cluster_launcher_validates_against_rays_schema() -> None:
