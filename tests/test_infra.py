@@ -428,38 +428,70 @@ def test_secret_finder_catches_credentials() -> None:
 # --- image ------------------------------------------------------------------------------------
 
 
-def test_dockerfile_torch_pin_satisfies_pyproject() -> None:
-    torch = Version(docker_arg("TORCH_VERSION"))
-    assert torch in pyproject_requirement("torch").specifier
-    cuda = docker_arg("CUDA_TAG")
-    assert re.fullmatch(r"cu[0-9]{3}", cuda)
-    assert docker_arg("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/${CUDA_TAG}"
-    assert re.search(r'pip install .*"torch==\$\{TORCH_VERSION\}" --index-url', dockerfile())
-
-
-def test_dockerfile_installs_the_project_from_pyproject() -> None:
-    """`pip install .`, with nothing re-listed: the image gets exactly pyproject's dependencies."""
-    text = dockerfile().replace("\\\n", " ")
-    installs = re.findall(r"pip install ([^&\n]+)", text)
+def dockerfile_install_problems(text: str) -> list[str]:
+    """What is wrong with a Dockerfile's install step, judged against pyproject.toml: torch
+    pinned inside pyproject's range from a CUDA index, then `pip install .` with no dependency
+    re-listed, and every package of the project copied in."""
+    problems = []
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
+    torch = args.get("TORCH_VERSION")
+    if not torch or Version(torch) not in pyproject_requirement("torch").specifier:
+        problems.append(
+            f"torch pin {torch} is outside pyproject's {pyproject_requirement('torch')}"
+        )
+    if not re.fullmatch(r"cu[0-9]{3}", args.get("CUDA_TAG", "")):
+        problems.append("CUDA_TAG is not a cuXYZ tag")
+    if args.get("TORCH_INDEX_URL") != "https://download.pytorch.org/whl/${CUDA_TAG}":
+        problems.append("torch does not come from the CUDA_TAG index")
+    if not re.search(r'pip install .*"torch==\$\{TORCH_VERSION\}" --index-url', text):
+        problems.append("torch is not installed from TORCH_INDEX_URL at TORCH_VERSION")
     targets = []
-    for line in installs:
-        tokens, skip = shlex.split(line), False
-        for tok in tokens:
+    for line in re.findall(r"pip install ([^&\n]+)", text.replace("\\\n", " ")):
+        skip = False
+        for tok in shlex.split(line):
             if skip:
                 skip = False
             elif tok in ("--index-url", "--constraint", "-c", "-r", "--extra-index-url"):
                 skip = True
             elif not tok.startswith("-"):
                 targets.append(tok)
-    assert "." in targets, "the Dockerfile must `pip install .` (the project itself)"
+    if "." not in targets:
+        problems.append("the project itself is not installed (`pip install .`)")
     deps = {Requirement(r).name for r in PYPROJECT["project"]["dependencies"]}
     names = [re.split(r"[=<>!~\[ ;]", t, maxsplit=1)[0] for t in targets if t != "."]
-    assert [n for n in names if n in deps] == ["torch"], f"dependencies re-listed: {names}"
+    if [n for n in names if n in deps] != ["torch"]:
+        problems.append(f"dependencies re-listed instead of read from pyproject: {names}")
     packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     for pkg in [p.rstrip("*") for p in packages] + ["pyproject.toml", "README.md"]:
-        assert re.search(rf"^COPY .*\b{re.escape(pkg)}\b", dockerfile(), re.MULTILINE), pkg
-        allow = (INFRA / "Dockerfile.dockerignore").read_text(encoding="utf-8")
+        if not re.search(rf"^COPY .*\b{re.escape(pkg)}\b", text, re.MULTILINE):
+            problems.append(f"{pkg} is not copied into the image")
+    return problems
+
+
+def test_dockerfile_install_step_matches_pyproject() -> None:
+    assert dockerfile_install_problems(dockerfile()) == []
+    allow = (INFRA / "Dockerfile.dockerignore").read_text(encoding="utf-8")
+    packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    for pkg in [p.rstrip("*") for p in packages] + ["pyproject.toml", "README.md"]:
         assert f"!{pkg}" in allow, f"{pkg} is left out of the build context"
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.14.0"),  # outside pyproject's range
+        ("--constraint /tmp/constraints.txt .", "--constraint /tmp/constraints.txt ziya-batch"),
+        (
+            "pip install --no-cache-dir --constraint",
+            "pip install transformers accelerate --constraint",
+        ),
+        ("COPY --chown=ray:users pipeline ./pipeline\n", ""),
+        ("whl/${CUDA_TAG}", "whl/cpu"),
+    ],
+)
+def test_dockerfile_check_catches_a_broken_install_step(old: str, new: str) -> None:
+    assert old in dockerfile(), f"the Dockerfile no longer contains {old!r}: update this test"
+    assert dockerfile_install_problems(dockerfile().replace(old, new))
 
 
 def test_ray_version_agrees_everywhere() -> None:
