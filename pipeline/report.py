@@ -47,6 +47,10 @@ CORE_COLUMNS = ("id", "task", "question_index", "question", "answer", "status", 
 MAX_FAILED_LISTED = 1000
 THUMB_PX = 160
 MAX_THUMB_SOURCE_BYTES = 64 * 1024 * 1024  # a bigger object is not worth decoding for a thumbnail
+MAX_THUMB_SOURCE_PIXELS = 64_000_000
+# Statuses of rows whose image the run fetched (so it passed the job's location policy):
+# `invalid_path` was refused, `invalid_question` never fetched, `too_large` not worth it.
+THUMB_STATUSES = frozenset({"ok", "fetch_error", "decode_error", "inference_error"})
 MAX_CELL_CHARS = 2000  # a pass-through value or error longer than this is cut in the page
 
 
@@ -345,6 +349,8 @@ def thumbnail(uri: str | None, endpoint_url: str | None = None) -> tuple[str | N
         if len(data) > MAX_THUMB_SOURCE_BYTES:
             return None, "image too large for a thumbnail"
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_THUMB_SOURCE_PIXELS:  # header only: no decode yet
+                return None, f"image too large for a thumbnail ({im.width}x{im.height})"
             im.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))  # JPEG: decode at reduced scale
             im = ImageOps.exif_transpose(im).convert("RGB")
             im.thumbnail((THUMB_PX, THUMB_PX))
@@ -361,12 +367,21 @@ def thumbnail(uri: str | None, endpoint_url: str | None = None) -> tuple[str | N
 
 def gallery(run: RunData, endpoint_url: str | None = None) -> str:
     """One <article> per sampled row: thumbnail, id, question, answer, status, error, extras."""
-    uris = sorted({r.get("image") for r in run.sample if isinstance(r.get("image"), str)})
+    # Only images the run itself read (past its allowed-locations check) are read again: a
+    # manifest can name any path, and the report must not embed what the job was refused.
+    uris = sorted(
+        {
+            r["image"]
+            for r in run.sample
+            if isinstance(r.get("image"), str) and r.get("status") in THUMB_STATUSES
+        }
+    )
     with ThreadPoolExecutor(max_workers=8) as pool:  # object storage reads are latency-bound
         thumbs = dict(zip(uris, pool.map(lambda u: thumbnail(u, endpoint_url), uris), strict=True))
     items = []
     for r in run.sample:
-        src, why = thumbs.get(r.get("image"), (None, "no image URI"))
+        why_not = "no image URI" if not r.get("image") else "not read by the run"
+        src, why = thumbs.get(r.get("image"), (None, why_not))
         img = (f'<img src="{src}" alt="">' if src else
                f'<div class="placeholder" title="{_esc(why)}">no image<br><small>{_esc(why, 80)}</small></div>')  # fmt: skip
         status = str(r.get("status"))

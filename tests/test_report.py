@@ -73,10 +73,13 @@ def test_finished_run_gallery_escaping_and_self_contained(layout: Layout, tmp_pa
 
     # Self-contained: every image is an inline thumbnail, nothing points outside the file.
     imgs = [a["src"] for t, a in page.elements if t == "img"]
-    readable = [r for r in layout.rows if r["status"] in ("ok", "invalid_question")]
+    readable = [r for r in layout.rows if r["status"] == "ok"]
     assert len(imgs) == len(readable) and all(s.startswith("data:image/jpeg;base64,") for s in imgs)
     assert text.count('class="placeholder"') == len(layout.rows) - len(readable)
     assert "image not found" in text and "not a decodable image" in text  # placeholder reasons
+    # invalid_question / invalid_path: the run never read these real photographs; neither does
+    # the report.
+    assert text.count('title="not read by the run"') == 2
     assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
     assert "<link" not in text and "@import" not in text
 
@@ -168,7 +171,7 @@ def test_report_from_s3(tmp_path: Path, monkeypatch):
     assert len(page.items()) == len(layout.rows)
     for rid in layout.uncommitted_ids:
         assert rid not in text
-    readable = [r for r in layout.rows if r["status"] in ("ok", "invalid_question")]
+    readable = [r for r in layout.rows if r["status"] == "ok"]
     assert text.count("data:image/jpeg;base64,") == len(readable)
     assert "finished: 2 shards committed" in text
 

@@ -2,7 +2,8 @@
 
 Used by the report tests: real Parquet written with pyarrow, real photographs from
 `skimage.data` saved as JPEGs and referenced by the `image` column, failed rows of several
-kinds (a missing image, a zero-byte file, an undecodable file, an invalid question), one answer
+kinds (a missing image, a zero-byte file, an undecodable file, an invalid question, a
+refused location), one answer
 that is an HTML/script injection attempt, and one shard left uncommitted (no `.stats.json`).
 
     layout = write_layout(tmp_path / "out", tmp_path / "images")
@@ -55,6 +56,9 @@ def write_photos(images_dir: Path) -> dict[str, Path]:
         path = images_dir / f"{name}.jpg"
         Image.fromarray(getattr(data, name)()).convert("RGB").save(path, quality=85)
         paths[name] = path
+    # Real photographs that only rows whose image the run never read point at.
+    for name in ("unfetched", "refused"):
+        Image.fromarray(data.astronaut()).save(images_dir / f"{name}.jpg", quality=85)
     (images_dir / "empty.jpg").write_bytes(b"")
     (images_dir / "garbage.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg" * 10)
     paths["empty"] = images_dir / "empty.jpg"
@@ -72,6 +76,7 @@ def _row(i: int, image: str, kind: str) -> dict:
         "fetch_error": f"FileNotFoundError: {image}",
         "decode_error": "ImageDecodeError: cannot identify image file (0 bytes)",
         "invalid_question": "question is longer than 2000 characters",
+        "invalid_path": f"location not allowed: {image}",
     }
     return {
         "id": f"img-{i:03d}",
@@ -134,7 +139,9 @@ def write_layout(
         elif i == 20:
             kind, image = "decode_error", uri("garbage")
         elif i == 11:
-            kind = "invalid_question"
+            kind, image = "invalid_question", uri("unfetched")
+        elif i == 23:
+            kind, image = "invalid_path", uri("refused")
         rows.append(_row(i, image, kind))
     rows[5]["answer"] = INJECTION
     rows[6]["source"] = "</script><marquee>moving pass-through</marquee>"
