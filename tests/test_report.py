@@ -148,7 +148,6 @@ def test_empty_output_and_script_json_escaping(tmp_path: Path):
 
 
 def test_cli_writes_report(layout: Layout, tmp_path: Path, capsys):
-    pytest.importorskip("jobs.submit", reason="jobs/submit.py (imported by the CLI) not there yet")
     from jobs.cli import main
 
     out = tmp_path / "sub" / "r.html"
