@@ -15,7 +15,18 @@ from .processing import (
     decode_image,
 )
 from .prompt import build_prompt
-from .tiny import TinyCheckpoint, write_tiny_checkpoint
+
+_LAZY = {"TinyCheckpoint", "write_tiny_checkpoint"}
+
+
+def __getattr__(name: str):
+    # Imported on first use so `python -m ziya_model.tiny` does not import the module twice.
+    if name in _LAZY:
+        from . import tiny
+
+        return getattr(tiny, name)
+    raise AttributeError(f"module 'ziya_model' has no attribute {name!r}")
+
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
