@@ -60,8 +60,9 @@ class ManifestPlan:
 
     @property
     def passthrough_columns(self) -> list[str]:
-        """Manifest columns copied to the output: all but the id and the raw image bytes."""
-        return [n for n in self.schema.names if n not in (ID, IMAGE_BYTES)]
+        """Manifest columns copied to the output: all but the id, the raw image bytes and the
+        single `question` (the output's own `question` column holds it, cleaned)."""
+        return [n for n in self.schema.names if n not in (ID, IMAGE_BYTES, QUESTION)]
 
 
 def shard_id(path: str, start: int, end: int) -> str:
