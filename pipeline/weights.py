@@ -1,8 +1,9 @@
 """Model weights: identity for output rows, and a node-local copy of weights on object storage.
 
 A model on s3:// or gs:// is copied once per node into `model.cache_dir` (files in parallel,
-under a file lock so the actors of one node do not download it several times), then loaded from
-local disk, where safetensors are memory-mapped.
+under a file lock so the actors of one node do not download it several times), checked against
+its `weights.sha256` manifest when it has one, then loaded from local disk, where safetensors are
+memory-mapped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from pipeline.config import JobConfig, StorageConfig
 from pipeline.storage import filesystem, is_remote
+from ziya_model.loading import verify_weights_manifest
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -93,6 +95,9 @@ def ensure_local(uri: str, cache_dir: str, storage: StorageConfig) -> str:
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(fetch, sorted(listing)))
+        # Hash once per node, after download, against the directory's weights.sha256 (when
+        # the publisher wrote one); actors then only check sizes at load time.
+        verify_weights_manifest(partial, check_hash=True)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
         done.write_text(json.dumps(listing))
@@ -116,4 +121,6 @@ class ModelLoader:
         dtype = self.job.model.dtype
         if dtype == "auto":
             dtype = "bf16" if self.device() == "cuda" else "fp32"
-        return load_ziya(visual, llm, dtype=dtype, device=self.device())
+        # Sizes only: remote weights were hashed once when copied to this node (ensure_local),
+        # and hashing 30 GB in every actor would add a minute to each start.
+        return load_ziya(visual, llm, dtype=dtype, device=self.device(), verify="size")
