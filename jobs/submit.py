@@ -39,7 +39,6 @@ from typing import Any
 from pipeline.config import JobConfig, JobConfigError, load_job
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-ACTIVE = {"PENDING", "RUNNING"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Uploaded with the project unless listed here (Ray also honours .gitignore / .rayignore).
 EXCLUDES = [
