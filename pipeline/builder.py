@@ -9,10 +9,12 @@ consume the answer rows in their own Ray Data code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +102,13 @@ def prepare(job: JobConfig) -> Context:
     )
 
 
+# Images per model batch when resources.batch_size is empty. On GPU, decode is compute-bound
+# only with hundreds of sequences (see the roofline in ziya-visual.md); InferStage still caps
+# each generate call at what the KV cache fits in free memory.
+DEFAULT_GPU_BATCH = 256
+DEFAULT_CPU_BATCH = 8
+
+
 def build(shards: Any, ctx: Context) -> Any:
     """Shard descriptors (Dataset with shard_id, path, start, end, rows) -> answer rows.
 
@@ -130,17 +139,38 @@ def build(shards: Any, ctx: Context) -> Any:
         **cpu,
     )
     gpu = res.gpus_per_actor > 0
+    model_batch = res.batch_size or (DEFAULT_GPU_BATCH if gpu else DEFAULT_CPU_BATCH)
+    # Ship preprocessed rows in blocks of one model batch (fused into the preprocessing task).
+    # Ray would otherwise buffer up to 128 MiB of pixels per block, about a whole shard: the
+    # model would wait for a shard before its first batch, and actors would get shard-sized
+    # chunks of work, leaving all but one idle at the end of a run.
+    ds = ds.repartition(target_num_rows_per_block=model_batch)
     # Ray Data restarts a dead model actor and retries its tasks (max_restarts=-1 by default):
-    # rows are at-least-once here, and the writer turns that into exactly-once output.
-    return ds.map_batches(
-        InferStage,
-        fn_constructor_args=(ctx.loader, _generation(job), res.batch_size, job.preprocess.mode),
-        batch_size=res.batch_size or (64 if gpu else 8),
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=res.actors),
-        num_gpus=res.gpus_per_actor,
-        num_cpus=res.cpus_per_actor,
-    )
+    # rows are at-least-once here, and the writer turns that into exactly-once output. Task
+    # retries are bounded (Ray Data's default is unbounded): a row that kills its worker every
+    # time would otherwise be retried forever; `run` retries the rows of such a batch alone.
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_task_retries; its generic ray_remote_args
+        # path warns that it goes away in Ray 2.64.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            InferStage,
+            fn_constructor_args=(ctx.loader, _generation(job), res.batch_size, job.preprocess.mode),
+            batch_size=model_batch,
+            batch_format="pyarrow",
+            # Two calls per actor at once: InferStage lets only one onto the model and prepares
+            # the other beside it (host copies, normalization, output rows), so the model never
+            # waits for that work; two more batches queue per actor (Ray's default of 2 tasks
+            # per concurrent call), their blocks already fetched.
+            compute=ray.data.ActorPoolStrategy(
+                size=res.actors,
+                max_concurrent_calls_per_actor=2,
+                enable_true_multi_threading=True,
+            ),
+            num_gpus=res.gpus_per_actor,
+            num_cpus=res.cpus_per_actor,
+            max_task_retries=job.run.max_task_retries,
+        )
 
 
 def _generation(job: JobConfig):
@@ -231,6 +261,39 @@ def _retry_plan(
     return shards, replace
 
 
+def _consume(
+    ds: Any,
+    committer: ShardCommitter,
+    progress: Callable[[Any, int, float], None] | None,
+    rows_total: int,
+    t0: float,
+) -> None:
+    """Stream the answer rows into the committer; a batch that crashed its worker on every
+    retry is dropped (up to `run.max_crashed_batches`) and its rows stay missing."""
+    ds.context.max_errored_blocks = committer.job.run.max_crashed_batches
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        committer.add(batch)
+        if progress:
+            progress(committer.tally, rows_total, time.time() - t0)
+
+
+def _isolation_plan(ctx: Context, lost: dict[str, list[int]]) -> Any:
+    """The lost rows again, each alone in its block and model batch."""
+    import ray
+
+    job = ctx.job
+    one = job.resources.model_copy(update={"batch_size": 1, "preprocess_batch_size": 1})
+    alone = dataclasses.replace(ctx, job=job.model_copy(update={"resources": one}))
+    by_id = {s.shard_id: s for s in ctx.plan.shards}
+    items = [
+        {"shard_id": sid, "path": s.path, "start": s.start, "end": s.end, "rows": [r]}
+        for sid, rows in sorted(lost.items())
+        for s in [by_id[sid]]
+        for r in rows
+    ]
+    return build(ray.data.from_items(items, override_num_blocks=len(items)), alone)
+
+
 def run(
     job: JobConfig,
     progress: Callable[[Any, int, float], None] | None = None,
@@ -308,10 +371,17 @@ def run(
         ]
         shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
         rows_total = sum(s.num_rows for s in todo)
-        for batch in build(shards_ds, ctx).iter_batches(batch_format="pyarrow", batch_size=None):
-            committer.add(batch)
-            if progress:
-                progress(committer.tally, rows_total, time.time() - t0)
+        _consume(build(shards_ds, ctx), committer, progress, rows_total, t0)
+        lost = committer.missing()
+        if lost:
+            # Their batches crashed the model worker on every retry and Ray Data dropped them.
+            # Retry those rows one per batch, so only a row that is itself at fault fails.
+            log.warning(
+                "%d rows were in batches that crashed their worker on every retry; "
+                "retrying them one row per batch",
+                sum(map(len, lost.values())),
+            )
+            _consume(_isolation_plan(ctx, lost), committer, progress, rows_total, t0)
     filled = committer.finish()
     tally = committer.tally
     summary = Summary(

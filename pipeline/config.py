@@ -179,6 +179,20 @@ class RunConfig(_Strict):
     min_rows_before_abort: int = Field(
         default=200, ge=1, description="Rows seen before the failure-rate threshold applies."
     )
+    max_task_retries: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Times a model batch is retried when its actor dies (crash, OOM kill, lost "
+        "node) before the batch counts as crashed; bounded so a row that kills its worker every "
+        "time cannot hang the job.",
+    )
+    max_crashed_batches: int = Field(
+        default=20,
+        ge=-1,
+        description="Crashed batches tolerated per pass before the job fails (-1 = no limit). "
+        "Their rows are retried one per batch; a row that still crashes ends as inference_error.",
+    )
 
 
 class JobConfig(_Strict):

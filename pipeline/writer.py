@@ -234,6 +234,19 @@ class ShardCommitter:
         )
         return merged.sort_by([("manifest_row", "ascending"), ("question_index", "ascending")])
 
+    def missing(self) -> dict[str, list[int]]:
+        """Manifest rows of this run's uncommitted shards that have not arrived, by shard."""
+        out = {}
+        for sid, shard in self.expected.items():
+            if sid in self.done:
+                continue
+            arrived = self.open[sid].rows if sid in self.open else set()
+            rows = shard.rows if shard.rows is not None else range(shard.start, shard.end)
+            left = [r for r in rows if r not in arrived]
+            if left:
+                out[sid] = left
+        return out
+
     def finish(self) -> list[str]:
         """Rows that never arrived (their batch crashed its worker every time) are committed as
         `inference_error`, so every input row is in the output; returns the affected shards."""
