@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from pipeline.builder import Summary, run
+from pipeline.builder import Summary, prepare, run
 from pipeline.config import JobConfig, JobConfigError, load_job
 from pipeline.manifest import ManifestError
 from pipeline.writer import JobAborted, Tally
@@ -98,10 +98,12 @@ def format_summary(summary: Summary) -> str:
 
 
 def run_job(job: JobConfig, address: str | None = None, quiet: bool = False) -> Summary:
+    # Manifests and model files are checked before Ray starts: a broken job fails in seconds.
+    context = prepare(job)
     init_ray(address)
     progress = Progress(quiet=quiet)
     try:
-        return run(job, progress=progress)
+        return run(job, progress=progress, context=context)
     finally:
         progress.close()
 

@@ -298,17 +298,19 @@ def run(
     job: JobConfig,
     progress: Callable[[Any, int, float], None] | None = None,
     loader: Callable[[], Any] | None = None,
+    context: Context | None = None,
 ) -> Summary:
     """Run a whole job on the current Ray cluster (call `ray.init` first).
 
     `progress(tally, rows_total, elapsed_s)` is called after every batch. `loader` replaces the
     model loader (a picklable callable returning model, tokenizer, processor): benchmarks use it
-    for a stand-in model, tests to count model calls.
+    for a stand-in model, tests to count model calls. `context` is `prepare(job)` when the
+    caller already ran it (to fail fast before starting Ray).
     """
     import ray
 
     t0 = time.time()
-    ctx = prepare(job)
+    ctx = context or prepare(job)
     if loader is not None:
         ctx.loader = loader
     out_uri, run_id = _run_dir(ctx)

@@ -49,6 +49,11 @@ class TaskConfig(_Strict):
         min_length=1,
         description="The question asked of every image when kind is caption.",
     )
+    questions: list[str] = Field(
+        default_factory=list,
+        description="vqa: questions asked of every row (a labeling schema), before the row's own "
+        "question/questions; with these set the manifest needs no question column.",
+    )
     max_question_chars: int = Field(
         default=2000, ge=1, description="Longer questions end as status invalid_question."
     )

@@ -110,7 +110,9 @@ def _is_string_list(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_string(t.value_type)
 
 
-def check_schema(schema: pa.Schema, task_kind: str, source: str) -> None:
+def check_schema(
+    schema: pa.Schema, task_kind: str, source: str, fixed_questions: bool = False
+) -> None:
     """Column rules that can be checked from the schema alone."""
     names = set(schema.names)
 
@@ -139,7 +141,12 @@ def check_schema(schema: pa.Schema, task_kind: str, source: str) -> None:
             fail(col, f"must be a list of strings, got {schema.field(col).type}")
     if (HISTORY_QUERIES in names) != (HISTORY_ANSWERS in names):
         fail(HISTORY_QUERIES, "and history_answers must come together")
-    if task_kind == "vqa" and QUESTION not in names and QUESTIONS not in names:
+    if (
+        task_kind == "vqa"
+        and not fixed_questions
+        and QUESTION not in names
+        and QUESTIONS not in names
+    ):
         fail(f"{QUESTION}/{QUESTIONS}", "is required for task vqa")
 
 
@@ -164,7 +171,7 @@ def plan(job: JobConfig) -> ManifestPlan:
         except Exception as err:
             raise ManifestError(f"manifest {uri} is not a readable Parquet file: {err}") from None
         try:
-            check_schema(file_schema, job.task.kind, uri)
+            check_schema(file_schema, job.task.kind, uri, bool(job.task.questions))
         except ManifestError as err:
             with fs.open(path, "rb") as f:
                 first = pq.ParquetFile(f).read_row_group(0) if meta.num_row_groups else None

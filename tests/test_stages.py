@@ -202,3 +202,18 @@ def test_done_keys_mark_rows_unchanged(local_job):
         rows
     )
     assert other.column("status").to_pylist()[:2] == ["ok", "ok"]
+
+
+def test_labeling_schema_questions_are_asked_of_every_row(tmp_path, local_job):
+    pq.write_table(pa.table({"id": ["a", "b"], "image": ["x", "y"]}), tmp_path / "plain.parquet")
+    job = local_job(
+        input={"uri": str(tmp_path / "plain.parquet")},
+        task={"kind": "vqa", "questions": ["Is there a person?", "图中有动物吗？"]},
+    )
+    _, shards = _shard_rows(job)
+    rows = ReadStage(job)(shards).to_pylist()
+    assert [r["questions"] for r in rows] == [["Is there a person?", "图中有动物吗？"]] * 2
+    # With the manifest's own questions too: the schema's come first.
+    job = local_job(task={"kind": "vqa", "questions": ["Schema?"]})
+    _, shards = _shard_rows(job)
+    assert ReadStage(job)(shards).to_pylist()[1]["questions"] == ["Schema?", "only one"]

@@ -60,11 +60,12 @@ class ReadStage:
     def _questions(self, row: dict) -> list[str | None]:
         if self.job.task.kind == "caption":
             return [self.job.task.caption_prompt]
+        fixed = list(self.job.task.questions)  # the labeling schema, asked of every row
         if row.get(m.QUESTIONS) is not None:
-            return list(row[m.QUESTIONS])
+            return fixed + list(row[m.QUESTIONS])
         if row.get(m.QUESTION) is not None:
-            return [row[m.QUESTION]]
-        return []
+            return [*fixed, row[m.QUESTION]]
+        return fixed
 
     def _clean_row(self, row: dict) -> dict:
         questions, errors = [], []
