@@ -6,14 +6,22 @@ Output columns: shard, row, id, question_index, question, answer, status, error,
                 latency_s, row_key, image_identity — one row per question
 
 Each image goes through the vision encoder and Q-Former once; all its questions reuse the
-projected embeddings. Prompts are sorted by length before they are cut into generate batches,
-so rows of similar length share a batch and padding stays small. A generate call that fails is
+projected embeddings. Prompts are sorted by length before they are cut into generate batches
+of equal size, so rows of similar length share a batch and padding stays small.
+
+Keeping the device busy: Ray Data runs two calls of this stage at once per actor (see
+`builder.build`). The host-side work of a call (columns to tensors, pinned-memory copy, the
+non-blocking host-to-device copy and normalization, building the output table) runs outside
+`_model_lock`; only the model itself (encode + generate) runs under it, one batch at a time. So
+while one batch is on the model, the next one is being prepared, and the model never waits for
+Python bookkeeping between batches. A generate call that fails is
 retried row by row, so one bad row ends as `inference_error` instead of failing its neighbours;
 CUDA out-of-memory and other device failures still propagate (they are not the row's fault).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -56,6 +64,14 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
+# Text tokens of a prompt besides the image, for the KV-cache estimate (a caption prompt is about
+# 10; questions and history are longer).
+PROMPT_TEXT_TOKENS = 64
+# Beyond a few hundred sequences decode is compute-bound on an H100; larger batches only add
+# latency and memory.
+MAX_AUTO_BATCH = 256
+
+
 class InferStage:
     """Holds one model replica; `__init__` runs once per actor."""
 
@@ -71,38 +87,60 @@ class InferStage:
         self.generation = generation
         self.pixel_mode = pixel_mode
         self.batch_size = batch_size or self._auto_batch_size(torch)
+        # One batch at a time on the model; preparation of the next runs beside it.
+        self._model_lock = threading.Lock()
         self.metrics = ActorMetrics()
         self.metrics.model_loaded(time.perf_counter() - t0)
 
     def _auto_batch_size(self, torch) -> int:
-        """Prompts per generate call: from free device memory on GPU, 8 on CPU."""
+        """Prompts per generate call: what the KV cache fits in 60% of free GPU memory; 8 on CPU.
+
+        KV cache per token and sequence = 2 (K, V) x layers x kv_heads x head_dim x bytes per
+        element: 0.8 MB for LLaMA-13B in bf16 (40 x 5120 x 2 x 2), times prompt + answer tokens.
+        The other 40% covers activations and the vision encoder's batch.
+        """
         if self.device.type != "cuda":
             return 8
         free, _ = torch.cuda.mem_get_info(self.device)
         cfg = self.model.language_model.config
-        tokens = 64 + self.model.config.num_query_tokens + self.generation.max_new_tokens
-        per_seq = 2 * cfg.num_hidden_layers * cfg.hidden_size * 2 * tokens  # K and V, bf16
-        return int(max(1, min(256, 0.6 * free // max(per_seq, 1))))
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        element = torch.finfo(self.dtype).bits // 8
+        per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * element
+        tokens = PROMPT_TEXT_TOKENS + self.model.config.num_query_tokens
+        tokens += self.generation.max_new_tokens
+        return int(max(1, min(MAX_AUTO_BATCH, 0.6 * free // max(per_token * tokens, 1))))
 
-    def _pixel_tensor(self, blobs: list[bytes]):
+    def _pixel_tensor(self, column, indices: list[int]):
+        """The rows' pixels as one normalized [n, 3, S, S] tensor on the model's device.
+
+        The bytes go from the Arrow buffer straight into one (pinned, on GPU) host buffer, are
+        copied to the device without blocking the host, and are normalized there.
+        """
         import torch
 
         size = self.processor.image_size
-        if self.pixel_mode == "fast":
-            arr = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), 3, size, size)
-            t = torch.from_numpy(arr.copy()).to(self.device, non_blocking=True)
-            return self.processor.normalize(t, self.model.vision_model.dtype)
-        arr = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), 3, size, size)
-        return torch.from_numpy(arr.copy()).to(self.device, dtype=self.model.vision_model.dtype)
+        fast = self.pixel_mode == "fast"
+        nbytes = 3 * size * size * (1 if fast else 4)  # uint8, or float32 in exact mode
+        pinned = self.device.type == "cuda"
+        host = torch.empty((len(indices), nbytes), dtype=torch.uint8, pin_memory=pinned)
+        _copy_binary_rows(column, indices, host.numpy())
+        pixels = host if fast else host.view(torch.float32)
+        pixels = pixels.view(len(indices), 3, size, size).to(self.device, non_blocking=pinned)
+        dtype = self.model.vision_model.dtype
+        return self.processor.normalize(pixels, dtype) if fast else pixels.to(dtype)
 
     def _answer(self, embeds, jobs: list[tuple[int, str, tuple]]) -> list:
-        """Answer (image index, question, history) prompts, longest first, in chunks."""
-        order = sorted(
-            range(len(jobs)), key=lambda j: -len(jobs[j][1]) - sum(map(len, jobs[j][2][0]))
-        )
+        """Answer (image index, question, history) prompts, longest first, in equal chunks."""
+        order = sorted(range(len(jobs)), key=lambda j: -_prompt_chars(jobs[j]))
         answers: list = [None] * len(jobs)
-        for c in range(0, len(order), self.batch_size):
-            chunk = order[c : c + self.batch_size]
+        # Equal chunks (e.g. 2 x 20 rather than 32 + 8): the same number of generate calls, and
+        # no short last call that costs about as much as a full one.
+        chunks = -(-len(order) // self.batch_size)
+        size = -(-len(order) // max(chunks, 1))
+        for c in range(0, len(order), size):
+            chunk = order[c : c + size]
             try:
                 got = self._generate(embeds, [jobs[j] for j in chunk])
             except Exception as err:
@@ -136,8 +174,11 @@ class InferStage:
 
         check_columns("InferStage", batch, INPUT_COLUMNS)
         t0 = time.perf_counter()
-        rows = batch.to_pylist()
-        images = [i for i, r in enumerate(rows) if r["status"] == OK and r["pixels"] is not None]
+        pixel_column = batch.column("pixels")
+        # Pixels stay in Arrow memory; only the small columns become Python objects.
+        rows = batch.drop_columns(["pixels"]).to_pylist()
+        has_pixels = pixel_column.is_valid().to_pylist()
+        images = [i for i, r in enumerate(rows) if r["status"] == OK and has_pixels[i]]
         jobs, owners = [], []
         for k, i in enumerate(images):
             r = rows[i]
@@ -149,14 +190,18 @@ class InferStage:
                     jobs.append((k, q, history))
                     owners.append((i, qi))
         answers: dict[tuple[int, int], object] = {}
+        waited = 0.0
         if jobs:
             with torch.inference_mode():
-                embeds = self.model.encode_images(
-                    self._pixel_tensor([rows[i]["pixels"] for i in images])
-                )
-                for owner, a in zip(owners, self._answer(embeds, jobs), strict=True):
+                pixels = self._pixel_tensor(pixel_column, images)
+                start = time.perf_counter()
+                with self._model_lock:
+                    waited = time.perf_counter() - start
+                    embeds = self.model.encode_images(pixels)
+                    got = self._answer(embeds, jobs)
+                for owner, a in zip(owners, got, strict=True):
                     answers[owner] = a
-        latency = time.perf_counter() - t0
+        latency = time.perf_counter() - t0 - waited  # this batch's own time, not its queueing
         out = []
         for i, r in enumerate(rows):
             for qi, (q, problem) in enumerate(
@@ -190,6 +235,34 @@ class InferStage:
                 )
         self.metrics.batch_done(out, latency, len(images))
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+
+def _prompt_chars(job: tuple[int, str, tuple]) -> int:
+    """Length of a prompt's text in characters: question plus every earlier turn."""
+    _, question, (queries, answers) = job
+    return len(question) + sum(map(len, queries)) + sum(map(len, answers))
+
+
+def _copy_binary_rows(column, indices: list[int], out: np.ndarray) -> None:
+    """Copy the values of `indices` of a binary Arrow column into the rows of `out` [n, nbytes].
+
+    Reads the Arrow offsets and data buffers directly: no Python bytes objects, one copy.
+    """
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    wide = pa.types.is_large_binary(arr.type)
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if wide else np.int32)
+    offsets = offsets[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.empty(0)
+    nbytes = out.shape[1]
+    for k, i in enumerate(indices):
+        start, end = int(offsets[i]), int(offsets[i + 1])
+        if end - start != nbytes:
+            raise ValueError(
+                f"InferStage: row {i} has {end - start} pixel bytes, expected {nbytes} "
+                "(preprocessing and model disagree on image size or pixel mode)"
+            )
+        out[k] = data[start:end]
 
 
 def _is_device_failure(err: Exception) -> bool:
