@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -226,11 +226,18 @@ class LocalServer:
             return list(self.log)
 
 
-def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"", **headers: str) -> None:
+def reply(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    body: bytes = b"",
+    length: int | None = None,
+    **headers: str,
+) -> None:
+    """Answer with `body` (`length` overrides Content-Length, for HEAD); header names use _."""
     handler.send_response(status)
     for k, v in headers.items():
         handler.send_header(k.replace("_", "-"), v)
-    handler.send_header("Content-Length", str(len(body)))
+    handler.send_header("Content-Length", str(len(body) if length is None else length))
     handler.end_headers()
     if handler.command != "HEAD":
         handler.wfile.write(body)
@@ -287,7 +294,7 @@ def echoing_s3() -> LocalServer:
         elif "/slow/" in path:
             reply(h, 503, _s3_error("SlowDown", echo, path), **xml)
         elif "/denied/" in path and h.command == "HEAD":
-            reply(h, 200, b"", Content_Type="image/jpeg", ETag='"e1"', Content_Length_="1000")
+            reply(h, 200, length=1000, Content_Type="image/jpeg", ETag='"e1"')
         elif "/denied/" in path:
             reply(h, 403, _s3_error("AccessDenied", echo, path), **xml)
         else:
@@ -305,8 +312,8 @@ class SocketSpy:
     so one hook is installed once and records only while a spy is active.
     """
 
-    _active: list[SocketSpy] = []
-    _installed = False
+    _active: ClassVar[list[SocketSpy]] = []
+    _installed: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.connects: list[Any] = []
