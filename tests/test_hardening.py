@@ -634,6 +634,55 @@ def test_canary_credentials_leak_nowhere(photo_dir, tiny_checkpoint, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_pickled_stages_and_filesystems_carry_no_credentials(
+    monkeypatch, moto_endpoint, tiny_checkpoint, tmp_path
+):
+    """What Ray ships to workers (the stages, with their filesystem caches) holds no key: the
+    filesystems take credentials from the default chain on whichever node runs them."""
+    from ray import cloudpickle
+
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", CANARY_KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", CANARY_SECRET),
+        ("AWS_SESSION_TOKEN", CANARY_TOKEN),
+    ):
+        monkeypatch.setenv(name, value)
+    create_bucket(moto_endpoint, "hard-pickle")
+    put_bytes(moto_endpoint, "hard-pickle", "images/a.png", h.one_pixel())
+    job = parse_job(
+        {
+            "input": {"uri": "s3://hard-pickle/m.parquet"},
+            "output": {"uri": str(tmp_path / "out")},
+            "model": {
+                "visual": str(tiny_checkpoint.visual_dir),
+                "llm": str(tiny_checkpoint.llm_dir),
+            },
+            "storage": {"endpoint_url": moto_endpoint},
+        }
+    )
+    stage = FetchStage(job, LocationPolicy(allowed=["s3://hard-pickle/images/"]), "fp")
+    row = {
+        "shard": "s",
+        "row": 0,
+        "id": "a",
+        "image": "s3://hard-pickle/images/a.png",
+        "image_bytes": None,
+        "questions": ["q"],
+        "question_errors": [None],
+        "history_queries": [],
+        "history_answers": [],
+        "status": "ok",
+        "error": None,
+    }
+    out = stage(pa.Table.from_pylist([row], schema=READ_SCHEMA))
+    assert out.column("status").to_pylist() == ["ok"]  # credentials were resolved and used
+    fs, _ = filesystem("s3://hard-pickle/images/a.png", job.storage)
+    assert fs.exists("hard-pickle/images/a.png")
+    for obj in (stage, fs, ModelLoader(job)):
+        blob = cloudpickle.dumps(obj)
+        assert not any(f in blob for f in _canary_forms()), type(obj).__name__
+
+
 # -- 6. hostile questions and strings ------------------------------------------------------------
 HOSTILE_QUESTIONS: list[tuple[str | bytes | None, str | None]] = [
     # (question as written to the manifest, cleaned question if the row is ok else None)
