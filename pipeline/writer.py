@@ -190,6 +190,10 @@ class ShardCommitter:
             joined = joined.append_column(name, extra[name])
         # Incremental runs skip rows labeled identically before: they are not written again.
         table = joined.filter(pc.not_equal(joined.column("status"), UNCHANGED))
+        # The run's tally counts the rows this run wrote; the stats file describes the shard
+        # (in retry_failed mode: the rows kept from before, too).
+        new_rows, new_statuses = table.num_rows, Counter(table.column("status").to_pylist())
+        new_tokens = int(pc.sum(table.column("num_tokens")).as_py() or 0)
         table = self._merge_retry(shard, table)
         order = ["id"] + [c for c in table.column_names if c != "id"]
         table = table.select(order)
@@ -202,7 +206,7 @@ class ShardCommitter:
             "row_start": shard.start,
             "row_end": shard.end,
             "rows": table.num_rows,
-            "input_rows": shard.num_rows,
+            "input_rows": shard.end - shard.start,
             "statuses": dict(statuses),
             "tokens": tokens,
             "duration_s": round(time.time() - state.started, 3),
@@ -213,12 +217,12 @@ class ShardCommitter:
         with self.lock:
             t = self.tally
             t.rows_in += shard.num_rows
-            t.rows_out += table.num_rows
-            t.statuses.update(statuses)
-            t.tokens += tokens
+            t.rows_out += new_rows
+            t.statuses.update(new_statuses)
+            t.tokens += new_tokens
             t.shards += 1
         if self.metrics is not None:
-            self.metrics.shard_committed(dict(statuses), tokens)
+            self.metrics.shard_committed(dict(new_statuses), new_tokens)
 
     def _merge_retry(self, shard: Shard, table: pa.Table) -> pa.Table:
         """retry_failed: put the new rows in place of the old failed ones, one row per key."""
