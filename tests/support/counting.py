@@ -16,8 +16,9 @@ a CUDA abort or the OOM killer look like to Ray):
   crashes its worker on every retry.
 `delay_s` slows every call down, so a test can kill a run in the middle.
 
-Log lines are JSON, one per completed `answer_batch` call (a call that crashed is not logged):
-`{"pid": ..., "rows": prompts answered, "images": images encoded for the batch}`.
+Log lines are JSON: one per model load, `{"event": "load", "pid", "t"}`, and one per completed
+`answer_batch` call (a call that crashed is not logged), `{"event": "answer", "pid", "t",
+"rows": prompts answered, "images": images encoded for the batch}`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class CountingLoader:
 
     def __call__(self) -> tuple[Any, Any, Any]:
         model, tokenizer, processor = self.base()
+        self._write({"event": "load"})
         answer_batch, encode_images = model.answer_batch, model.encode_images
         state = {"calls": 0, "images": 0}
 
@@ -64,16 +66,19 @@ class CountingLoader:
             if self.delay_s:
                 time.sleep(self.delay_s)
             answers = answer_batch(tokenizer, queries=queries, image_embeds=image_embeds, **kwargs)
-            line = {"pid": os.getpid(), "rows": len(queries), "images": state["images"]}
-            # One short line per O_APPEND write: lines from several actors never interleave.
-            with open(self.log, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
+            self._write({"event": "answer", "rows": len(queries), "images": state["images"]})
             return answers
 
         # Instance attributes shadow the class methods for this model object only.
         model.encode_images = counted_encode
         model.answer_batch = counted_answer
         return model, tokenizer, processor
+
+    def _write(self, line: dict) -> None:
+        line.update(pid=os.getpid(), t=round(time.time(), 3))
+        # One short line per O_APPEND write: lines from several actors never interleave.
+        with open(self.log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def _claim(marker: str | None) -> bool:
@@ -92,12 +97,23 @@ def _has_uniform_image(pixel_values) -> bool:
     return bool((flat.std(dim=2).amax(dim=1) < UNIFORM_STD).any())
 
 
-def calls(log: str | os.PathLike) -> list[dict]:
-    """Every logged model call (empty when the model was never called)."""
+def events(log: str | os.PathLike, event: str) -> list[dict]:
+    """Logged lines of one kind ("load" or "answer"), in order; empty when there is no log."""
     path = Path(log)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [line for line in lines if line["event"] == event]
+
+
+def calls(log: str | os.PathLike) -> list[dict]:
+    """Every completed model call (empty when the model was never called)."""
+    return events(log, "answer")
+
+
+def loads(log: str | os.PathLike) -> int:
+    """How many times an actor loaded the model (restarted actors load it again)."""
+    return len(events(log, "load"))
 
 
 def answered_rows(log: str | os.PathLike) -> int:
