@@ -16,6 +16,7 @@ import time
 from pipeline.builder import Summary, prepare, run
 from pipeline.config import JobConfig, JobConfigError, load_job
 from pipeline.manifest import ManifestError
+from pipeline.redact import RedactingFilter, redact
 from pipeline.writer import JobAborted, Tally
 
 
@@ -112,11 +113,15 @@ def run_job_file(
     path: str, overrides: list[str], address: str | None = None, quiet: bool = False
 ) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Storage errors quote URLs and headers: nothing this process logs may carry a credential.
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     try:
         job = load_job(path, overrides)
         summary = run_job(job, address=address, quiet=quiet)
     except (JobConfigError, ManifestError, JobAborted) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(err)}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     return 0
