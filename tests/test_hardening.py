@@ -634,6 +634,33 @@ def test_canary_credentials_leak_nowhere(photo_dir, tiny_checkpoint, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_storage_error_on_the_manifest_is_redacted_on_stderr(
+    monkeypatch, capsys, tiny_checkpoint, tmp_path
+):
+    """A job that stops before Ray (its manifest cannot be read) prints the storage error,
+    which quotes the credentials back, with the credentials masked."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CANARY_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY_SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", CANARY_TOKEN)
+    with h.echoing_s3() as storage:
+        job = {
+            "input": {"uri": "s3://hard-canary/denied/m.parquet"},
+            "output": {"uri": str(tmp_path / "out")},
+            "model": {
+                "visual": str(tiny_checkpoint.visual_dir),
+                "llm": str(tiny_checkpoint.llm_dir),
+            },
+            "storage": {"endpoint_url": storage.url, "retries": 0},
+        }
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        assert cli_main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 2
+        seen = storage.requests()
+    err = capsys.readouterr().err
+    assert any(CANARY_KEY_ID in hdr.get("Authorization", "") for _, _, hdr in seen)
+    assert "m.parquet" in err and "[REDACTED]" in err, err
+    assert not any(f.decode() in err for f in _canary_forms()), err
+
+
 def test_pickled_stages_and_filesystems_carry_no_credentials(
     monkeypatch, moto_endpoint, tiny_checkpoint, tmp_path
 ):
