@@ -318,10 +318,11 @@ def run(
     mode = job.run.mode
     committed = set() if mode == "overwrite" else layout.committed_shards(out_uri, storage)
     replace: dict[str, pa.Table] = {}
+    todo = [s for s in ctx.plan.shards if s.shard_id not in committed]
     if mode == "retry_failed":
-        todo, replace = _retry_plan(ctx, out_uri, committed)
-    else:
-        todo = [s for s in ctx.plan.shards if s.shard_id not in committed]
+        # The failed rows of committed shards, and whole shards a crashed run never committed.
+        retry, replace = _retry_plan(ctx, out_uri, committed)
+        todo = retry + todo
     if mode == "incremental":
         ctx.done_keys = _done_keys(ctx, run_id)
         if not layout.exists(join(out_uri, "run.json"), storage):
