@@ -146,7 +146,7 @@ def test_driver_killed_midway_then_rerun_does_only_the_rest(
 def test_retry_failed_redoes_only_failed_rows_in_place(
     ray_cluster, moto_endpoint, bucket, photo_dir, tiny_checkpoint, tmp_path
 ):
-    n, late = 12, (1, 5, 6)  # rows whose images are uploaded only after the first run
+    n, late = 16, (1, 5, 6)  # rows whose images are uploaded only after the first run
     ids = [f"f{i:03d}" for i in range(n)]
     images = _images(photo_dir, n)
     for i in late:
@@ -158,14 +158,18 @@ def test_retry_failed_redoes_only_failed_rows_in_place(
     assert first.statuses == {"ok": n - len(late), "fetch_error": len(late)}
     before_rows = {r["id"]: r for r in read_output(out, job.storage).to_pylist()}
     assert {i for i, r in before_rows.items() if r["status"] != "ok"} == {ids[i] for i in late}
+    # Shards: rows 0-3 (one late), 4-7 (two late), 8-11 (none), 12-15 (none). The last one is
+    # made uncommitted, as a crash before its stats file was written would leave it.
+    shard_ids = sorted(committed_shards(out, job.storage))
+    assert len(shard_ids) == 4
+    fs = s3.s3fs_filesystem(moto_endpoint)
+    fs.rm_file(f"{BUCKET}/out/retry/shards/{shard_ids[3]}.stats.json")
+    fs.rm_file(f"{BUCKET}/out/retry/_SUCCESS")
 
     photos = sorted(photo_dir.glob("*.jpg"))
     for i in late:
         s3.upload_file(moto_endpoint, photos[i % len(photos)], BUCKET, f"late/img-{i}.jpg")
     before = listing(moto_endpoint, BUCKET, "out/retry/")
-    shard_ids = sorted(committed_shards(out, job.storage))
-    assert len(shard_ids) == 3  # rows 0-3 (one late), 4-7 (two late), 8-11 (none)
-
     retry = make_job(
         moto_endpoint,
         bucket,
@@ -176,25 +180,27 @@ def test_retry_failed_redoes_only_failed_rows_in_place(
     )
     loader, log = _counting(retry, tmp_path, "retry")
     summary = run(retry, loader=loader)
-    assert answered_rows(log) == len(late)  # the failed rows, and only them
-    assert summary.rows_in == len(late) and summary.statuses == {"ok": len(late)}
-    assert summary.shards_committed == 2 and summary.shards_skipped == 1
+    redo = len(late) + 4  # the failed rows and the uncommitted shard, nothing else
+    assert answered_rows(log) == redo
+    assert summary.rows_in == redo and summary.statuses == {"ok": redo}
+    assert summary.shards_committed == 3 and summary.shards_skipped == 1
 
     rows = read_output(out, job.storage).to_pylist()
     assert sorted(r["id"] for r in rows) == ids  # still exactly one row per input row
     assert Counter(r["status"] for r in rows) == {"ok": n}
     for r in rows:
-        if r["id"] not in {ids[i] for i in late}:
+        if r["id"] in ids[:12] and r["id"] not in {ids[i] for i in late}:
             assert r == before_rows[r["id"]]  # rows that were ok are kept as they were
-    # Stats of the two rewritten shards now count only ok rows; the third shard is untouched.
+    # Stats of the rewritten shards now count only ok rows; the third shard is untouched.
     stats = read_stats(out, shard_ids, job.storage)
-    assert [s["statuses"] for s in stats.values()] == [{"ok": 4}] * 3
-    assert [(s["rows"], s["input_rows"]) for s in stats.values()] == [(4, 4)] * 3
+    assert [s["statuses"] for s in stats.values()] == [{"ok": 4}] * 4
+    assert [(s["rows"], s["input_rows"]) for s in stats.values()] == [(4, 4)] * 4
     after = listing(moto_endpoint, BUCKET, "out/retry/")
     untouched = [k for k in before if f"/{shard_ids[2]}." in k]
     assert len(untouched) == 2 and all(after[k] == before[k] for k in untouched)
-    rewritten = [k for k in before if f"/{shard_ids[0]}." in k or f"/{shard_ids[1]}." in k]
-    assert len(rewritten) == 4 and all(after[k] != before[k] for k in rewritten)
+    rewritten = [k for k in before if any(f"/{shard_ids[i]}." in k for i in (0, 1, 3))]
+    assert len(rewritten) == 5 and all(after[k] != before[k] for k in rewritten)
+    assert exists(join(out, "_SUCCESS"), job.storage)
 
     # Nothing failed any more: another retry_failed run has nothing to do.
     loader, log = _counting(retry, tmp_path, "again")
