@@ -316,7 +316,22 @@ def run(
     out_uri, run_id = _run_dir(ctx)
     storage = job.storage
     mode = job.run.mode
-    committed = set() if mode == "overwrite" else layout.committed_shards(out_uri, storage)
+    committed = layout.committed_shards(out_uri, storage)
+    if mode == "overwrite":
+        # Old answers are taken out first, so a crash in the middle never leaves old and new
+        # shards mixed, nor shards of an earlier plan beside this one's.
+        layout.remove(join(out_uri, layout.SUCCESS), storage)
+        layout.uncommit(out_uri, sorted(committed), storage)
+        committed = set()
+    foreign = sorted(committed - {s.shard_id for s in ctx.plan.shards})
+    if foreign:
+        # Committed shards this plan does not have would sit beside its own, as duplicates.
+        raise ManifestError(
+            f"{out_uri} holds {len(foreign)} committed shards that this job does not plan, "
+            f"e.g. {foreign[0]}: the manifest files or output.rows_per_shard changed since "
+            "they were written. Write to a new output.uri, use run.mode=overwrite to replace "
+            "the output, or run.mode=incremental for manifests that grow."
+        )
     replace: dict[str, pa.Table] = {}
     todo = [s for s in ctx.plan.shards if s.shard_id not in committed]
     if mode == "retry_failed":
@@ -348,9 +363,6 @@ def run(
             mode=mode,
             run_id=run_id,
         )
-    if mode == "overwrite":
-        layout.remove(success, storage)
-
     metrics = DriverMetrics(job.name)
     committer = ShardCommitter(
         job,

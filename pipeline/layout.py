@@ -151,3 +151,19 @@ def remove(uri: str, storage: StorageConfig) -> None:
     fs, path = filesystem(uri, storage)
     if fs.exists(path):
         fs.rm_file(path)
+
+
+def uncommit(out_uri: str, shard_ids: list[str], storage: StorageConfig) -> None:
+    """Take shards out of the output: stats files (the commit markers) first, then the data."""
+    if not shard_ids:
+        return
+    for index in (1, 0):  # shard_uris() gives (data, stats)
+        uris = [shard_uris(out_uri, s)[index] for s in shard_ids]
+        fs = filesystem(uris[0], storage)[0]
+        paths = [filesystem(u, storage)[1] for u in uris]
+        if is_remote(out_uri):
+            fs.rm(paths)  # batched deletes; a missing key is not an error on object stores
+        else:
+            for path in paths:
+                if os.path.exists(path):
+                    os.remove(path)
