@@ -6,7 +6,9 @@ on 127.0.0.1, the tiny checkpoint, real photographs).
 - a finished job rerun: no model call, no new object, no timestamp changed;
 - retry_failed: only the failed rows reach the model and are replaced in place;
 - incremental: a prompt change relabels everything; new rows (a new file, and rows inserted
-  into a rewritten file) are the only ones labeled; `read_output` keeps the newest answer.
+  into a rewritten file) are the only ones labeled; `read_output` keeps the newest answer;
+- an output holding shards of another plan (rows_per_shard changed) is refused before any model
+  work, and overwrite mode replaces it without leaving the old shards beside the new ones.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
 
 from pipeline.builder import run
-from pipeline.layout import committed_shards, exists, read_output, read_stats
+from pipeline.layout import commit_shard, committed_shards, exists, read_output, read_stats
+from pipeline.manifest import ManifestError, shard_id
 from pipeline.storage import join
 from pipeline.weights import ModelLoader
 from tests.support import s3
@@ -259,3 +263,40 @@ def test_incremental_relabels_on_prompt_change_and_labels_only_new_rows(
     assert set(keys.values()) == {1}  # exactly one row per (id, question_index)
     assert set(out.column("question").to_pylist()) == {"Describe the picture briefly."}
     assert Counter(out.column("status").to_pylist()) == {"ok": n + 4}
+
+
+def test_output_of_another_plan_is_refused_then_overwritten(
+    ray_cluster, moto_endpoint, bucket, photo_dir, tiny_checkpoint, tmp_path
+):
+    ids = [f"o{i:03d}" for i in range(4)]
+    manifest = put_manifest(
+        moto_endpoint, BUCKET, "m/plan/part-0.parquet", ids, _images(photo_dir, 4)
+    )
+    job = make_job(moto_endpoint, bucket, tiny_checkpoint, "m/plan/", "out/plan", rows_per_shard=2)
+    # The output already holds a shard committed by a run with rows_per_shard=4.
+    old = shard_id(manifest, 0, 4)
+    rows = pa.table({"id": ids, "image": _images(photo_dir, 4), "status": ["ok"] * 4})
+    commit_shard(job.output.uri, old, rows, {"shard": old, "rows": 4}, job.storage)
+    before = listing(moto_endpoint, BUCKET, "out/plan/")
+
+    loader, log = _counting(job, tmp_path, "refused")
+    with pytest.raises(ManifestError, match=r"holds 1 committed shards .* e\.g\. part-0-"):
+        run(job, loader=loader)
+    assert loads(log) == 0 and listing(moto_endpoint, BUCKET, "out/plan/") == before
+
+    overwrite = make_job(
+        moto_endpoint,
+        bucket,
+        tiny_checkpoint,
+        "m/plan/",
+        "out/plan",
+        rows_per_shard=2,
+        run={"mode": "overwrite"},
+    )
+    loader, log = _counting(overwrite, tmp_path, "overwrite")
+    summary = run(overwrite, loader=loader)
+    assert answered_rows(log) == 4 and summary.shards_committed == 2
+    assert not [k for k in listing(moto_endpoint, BUCKET, "out/plan/") if old in k]
+    out = read_output(job.output.uri, job.storage)
+    assert sorted(out.column("id").to_pylist()) == ids  # no duplicate from the old shard
+    assert Counter(out.column("status").to_pylist()) == {"ok": 4}
