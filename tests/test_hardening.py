@@ -420,25 +420,7 @@ def test_redirects_to_disallowed_addresses_are_never_followed(paths_world, tiny_
                 allowed_networks=["127.0.0.1/32"],
             )
             urls = [f"{redirect.url}{path}" for path in targets]
-            rows = pa.Table.from_pylist(
-                [
-                    {
-                        "shard": "s",
-                        "row": i,
-                        "id": f"r{i}",
-                        "image": u,
-                        "image_bytes": None,
-                        "questions": ["q"],
-                        "question_errors": [None],
-                        "history_queries": [],
-                        "history_answers": [],
-                        "status": "ok",
-                        "error": None,
-                    }
-                    for i, u in enumerate(urls)
-                ],
-                schema=READ_SCHEMA,
-            )
+            rows = _rows(urls)
             with h.SocketSpy() as spy:
                 out = FetchStage(job, policy, "fp")(rows)
             statuses = out.column("status").to_pylist()
@@ -453,6 +435,91 @@ def test_redirects_to_disallowed_addresses_are_never_followed(paths_world, tiny_
             assert forbidden.requests() == []
             assert len(redirect.requests()) == 8 and len(allowed_target.requests()) == 1
     assert [o for o in spy.opens if o == "/etc/passwd"] == []
+
+
+def _rows(uris: list[str]) -> pa.Table:
+    """Fetch-stage input rows for these image URIs (the read stage's output schema)."""
+    return pa.Table.from_pylist(
+        [
+            {
+                "shard": "s",
+                "row": i,
+                "id": f"r{i}",
+                "image": u,
+                "image_bytes": None,
+                "questions": ["q"],
+                "question_errors": [None],
+                "history_queries": [],
+                "history_answers": [],
+                "status": "ok",
+                "error": None,
+            }
+            for i, u in enumerate(uris)
+        ],
+        schema=READ_SCHEMA,
+    )
+
+
+def test_http_fetch_statuses_sizes_and_retries(tiny_checkpoint, tmp_path):
+    """http(s) images (allowed network only) go through the checked client: ok, too_large from
+    the declared or the streamed size, 4xx answered once, 5xx retried `storage.retries` times."""
+    png = h.one_pixel()
+    big = h.random_bytes(5000, seed=3)
+
+    def respond(handler) -> None:
+        path = handler.path
+        if path == "/ok.png":
+            h.reply(handler, 200, png)
+        elif path == "/big-declared.png":
+            h.reply(handler, 200, big)
+        elif path == "/big-streamed.png":  # no Content-Length: the size shows while reading
+            handler.send_response(200)
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            handler.wfile.write(big)
+            handler.close_connection = True
+        elif path == "/gone.png":
+            h.reply(handler, 404, b"gone")
+        else:
+            h.reply(handler, 503, b"busy")
+
+    with h.LocalServer(respond) as server:
+        job = parse_job(
+            {
+                "input": {"uri": str(tmp_path / "m.parquet")},
+                "output": {"uri": str(tmp_path / "out")},
+                "model": {
+                    "visual": str(tiny_checkpoint.visual_dir),
+                    "llm": str(tiny_checkpoint.llm_dir),
+                },
+                "storage": {"retries": 2, "timeout_s": 5},
+                "limits": {"allow_http": True, "max_image_bytes": 4000},
+            }
+        )
+        policy = LocationPolicy(allow_http=True, allowed_networks=["127.0.0.1/32"])
+        names = ["ok.png", "big-declared.png", "big-streamed.png", "gone.png", "busy.png"]
+        out = FetchStage(job, policy, "fp")(_rows([f"{server.url}/{n}" for n in names]))
+        requests = Counter(path for _, path, _ in server.requests())
+    assert out.column("status").to_pylist() == [
+        "ok",
+        "too_large",
+        "too_large",
+        "fetch_error",
+        "fetch_error",
+    ]
+    assert out.column("image_bytes").to_pylist()[0] == png
+    errors = out.column("error").to_pylist()
+    assert errors[1] == "response is 5000 bytes > limit 4000"
+    assert errors[2] == "response exceeds limit 4000 bytes"
+    assert errors[3] == "HTTP 404 Not Found"
+    assert errors[4] == "gave up after 3 attempts: HTTP 503 Service Unavailable"
+    assert requests == {
+        "/ok.png": 1,
+        "/big-declared.png": 1,
+        "/big-streamed.png": 1,
+        "/gone.png": 1,
+        "/busy.png": 3,
+    }
 
 
 # -- 4. pickle payload in a .bin -----------------------------------------------------------------
@@ -688,20 +755,7 @@ def test_pickled_stages_and_filesystems_carry_no_credentials(
         }
     )
     stage = FetchStage(job, LocationPolicy(allowed=["s3://hard-pickle/images/"]), "fp")
-    row = {
-        "shard": "s",
-        "row": 0,
-        "id": "a",
-        "image": "s3://hard-pickle/images/a.png",
-        "image_bytes": None,
-        "questions": ["q"],
-        "question_errors": [None],
-        "history_queries": [],
-        "history_answers": [],
-        "status": "ok",
-        "error": None,
-    }
-    out = stage(pa.Table.from_pylist([row], schema=READ_SCHEMA))
+    out = stage(_rows(["s3://hard-pickle/images/a.png"]))
     assert out.column("status").to_pylist() == ["ok"]  # credentials were resolved and used
     fs, _ = filesystem("s3://hard-pickle/images/a.png", job.storage)
     assert fs.exists("hard-pickle/images/a.png")
