@@ -158,7 +158,7 @@ def test_mixed_images_job_exits_0_with_exact_statuses(
         "invalid_path": 1,
     }
     rows = {r["id"]: r for r in out.to_pylist()}
-    assert "exceeds limit" in rows["bomb.png"]["error"] or "too large" in rows["bomb.png"]["error"]
+    assert "900000000 pixels" in rows["bomb.png"]["error"]
     assert f"{limit + 500_000} bytes > limit {limit}" in rows["oversize.jpg"]["error"]
     assert all((r["answer"] is not None) == (r["status"] == "ok") for r in rows.values())
     fs, path = filesystem(f"s3://{bucket}/out/summary.json")
