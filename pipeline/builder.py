@@ -112,13 +112,15 @@ DEFAULT_CPU_BATCH = 8
 def build(shards: Any, ctx: Context) -> Any:
     """Shard descriptors (Dataset with shard_id, path, start, end, rows) -> answer rows.
 
-    read, fetch and preprocess run as CPU tasks (Ray fuses them into one task, which is what we
-    want); the model stage is an actor pool with its own resource request, so preprocessing never
-    runs inside a model actor.
+    Read runs one CPU task per shard; its rows are re-cut into blocks of equal size across shard
+    boundaries; fetch and preprocess run fused as CPU tasks on those blocks; the model stage is an
+    actor pool with its own resource request, so preprocessing never runs inside a model actor.
     """
     import ray
 
     job, res = ctx.job, ctx.job.resources
+    gpu = res.gpus_per_actor > 0
+    model_batch = res.batch_size or (DEFAULT_GPU_BATCH if gpu else DEFAULT_CPU_BATCH)
     # The CPU stages reserve the memory that decoding an image at the pixel limit needs. That
     # also makes their resource request differ from the model actors', which is what stops Ray
     # from fusing preprocessing into the actor stage (it fuses maps with equal requests).
@@ -127,10 +129,20 @@ def build(shards: Any, ctx: Context) -> Any:
         "memory": 3 * job.limits.max_image_pixels + 512 * 2**20,
         "batch_format": "pyarrow",
     }
-    ds = shards.map_batches(ReadStage(job), batch_size=1, **cpu)
+    # Read has a request of its own, so it is not fused with fetch + preprocess: fused, Ray
+    # would bundle as many shards per task as the largest batch size of the chain (32 shards),
+    # and one task would preprocess the whole job on one core.
+    ds = shards.map_batches(ReadStage(job), batch_size=1, batch_format="pyarrow")
+    # Blocks of equal size across shard boundaries (strict: only the very last block is short),
+    # a whole number of model batches each. Fetch + preprocess then run as tasks of one block
+    # that spread over every core, the model gets its first batch as soon as one block is
+    # ready, and no model batch is half empty at every shard's end (a model call costs about
+    # the same however few rows it holds).
+    block_rows = -(-res.preprocess_batch_size // model_batch) * model_batch
+    ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
     ds = ds.map_batches(
         FetchStage(job, ctx.policy, ctx.fingerprint, ctx.done_keys),
-        batch_size=res.preprocess_batch_size,
+        batch_size=block_rows,
         **cpu,
     )
     ds = ds.map_batches(
@@ -138,13 +150,6 @@ def build(shards: Any, ctx: Context) -> Any:
         batch_size=res.preprocess_batch_size,
         **cpu,
     )
-    gpu = res.gpus_per_actor > 0
-    model_batch = res.batch_size or (DEFAULT_GPU_BATCH if gpu else DEFAULT_CPU_BATCH)
-    # Ship preprocessed rows in blocks of one model batch (fused into the preprocessing task).
-    # Ray would otherwise buffer up to 128 MiB of pixels per block, about a whole shard: the
-    # model would wait for a shard before its first batch, and actors would get shard-sized
-    # chunks of work, leaving all but one idle at the end of a run.
-    ds = ds.repartition(target_num_rows_per_block=model_batch)
     # Ray Data restarts a dead model actor and retries its tasks (max_restarts=-1 by default):
     # rows are at-least-once here, and the writer turns that into exactly-once output. Task
     # retries are bounded (Ray Data's default is unbounded): a row that kills its worker every
