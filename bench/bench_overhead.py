@@ -127,7 +127,9 @@ class Result:
         )
 
 
-def run_ziya(work: Path, manifest: Path, images: Path, actors: int, args, tag="") -> Result:
+def run_ziya(
+    work: Path, manifest: Path, images: Path, actors: int, args, tag="", sleep=None
+) -> Result:
     from pipeline.builder import run
     from pipeline.config import parse_job
 
@@ -150,13 +152,14 @@ def run_ziya(work: Path, manifest: Path, images: Path, actors: int, args, tag=""
             "run": {"mode": "overwrite"},
         }
     )
-    loader = StandInLoader(args.sleep, 224, str(log))
+    sleep = args.sleep if sleep is None else sleep
+    loader = StandInLoader(sleep, 224, str(log))
     t0 = time.time()
     summary = run(job, loader=loader)
     wall = time.time() - t0
     assert summary.rows_out == summary.rows_in, summary
     assert summary.statuses == {"ok": summary.rows_in}, summary.statuses
-    bound = actors * args.batch / args.sleep
+    bound = actors * args.batch / sleep if sleep else float("inf")
     return Result("ziya-batch", actors, summary.rows_in, wall, bound, read_busy_log(str(log)), t0)
 
 
@@ -173,16 +176,17 @@ def _reference_preprocess(batch: pa.Table) -> dict:
     return {"id": batch.column("id").to_numpy(zero_copy_only=False), "pixels": pixels}
 
 
-def run_reference(work: Path, manifest: Path, actors: int, args, tag="") -> Result:
+def run_reference(work: Path, manifest: Path, actors: int, args, tag="", sleep=None) -> Result:
     import ray
 
     out, log = work / f"out-ref-{actors}{tag}", work / f"busy-ref-{actors}{tag}.log"
+    sleep = args.sleep if sleep is None else sleep
     t0 = time.time()
     ds = ray.data.read_parquet(str(manifest))
     ds = ds.map_batches(_reference_preprocess, batch_size=args.batch, batch_format="pyarrow")
     ds = ds.map_batches(
         StandInActor,
-        fn_constructor_args=(args.sleep, str(log)),
+        fn_constructor_args=(sleep, str(log)),
         batch_size=args.batch,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=0,
@@ -191,7 +195,7 @@ def run_reference(work: Path, manifest: Path, actors: int, args, tag="") -> Resu
     wall = time.time() - t0
     rows = ray.data.read_parquet(str(out)).count()
     assert rows == pq.read_metadata(manifest).num_rows
-    bound = actors * args.batch / args.sleep
+    bound = actors * args.batch / sleep if sleep else float("inf")
     return Result("reference", actors, rows, wall, bound, read_busy_log(str(log)), t0)
 
 
@@ -225,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=256, help="distinct JPEG files")
     parser.add_argument("--quick", action="store_true", help="640 / 2,560 rows")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument(
+        "--capacity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run each pipeline around a model taking no time (CPU-side capacity)",
+    )
     parser.add_argument("--json", type=str, default=None, help="also write results here")
     args = parser.parse_args(argv)
     actor_counts = [int(a) for a in args.actors.split(",")]
@@ -251,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         run_ziya(work, warm, work / "images", 1, args, tag="warm")
         run_reference(work, warm, 1, args, tag="warm")
         results = []
+        capacity: dict = {}
         for actors, rows in zip(actor_counts, row_counts, strict=True):
             manifest = write_manifest(work / f"manifest-{actors}.parquet", images, rows)
             bound = actors * args.batch / args.sleep
@@ -258,9 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{actors} stand-in actor(s), {rows} rows, {args.sleep} s per batch of "
                 f"{args.batch}: bound {bound:.0f} rows/s (model stage alone {rows / bound:.1f} s)"
             )
-            for name in ("ziya-batch", "reference"):
-                if name == "reference" and args.no_reference:
-                    continue
+            names = ["ziya-batch"] + ([] if args.no_reference else ["reference"])
+            for name in names:
                 wait_idle()
                 if name == "ziya-batch":
                     result = run_ziya(work, manifest, work / "images", actors, args)
@@ -268,6 +278,23 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_reference(work, manifest, actors, args)
                 print(result.line(args.batch), flush=True)
                 results.append(result)
+            if args.capacity:
+                # The same pipelines around a model that takes no time: what the CPU side (read,
+                # fetch, preprocess, Ray Data, the driver) delivers on this machine right now.
+                for name in names:
+                    wait_idle()
+                    if name == "ziya-batch":
+                        free = run_ziya(
+                            work, manifest, work / "images", actors, args, tag="-free", sleep=0
+                        )
+                    else:
+                        free = run_reference(work, manifest, actors, args, tag="-free", sleep=0)
+                    capacity[(name, actors)] = free.rows_per_s
+                    print(
+                        f"  {name:<10} with a model taking no time: {free.rows_per_s:5.0f} "
+                        f"rows/s = {free.rows_per_s / bound:.2f} x the bound",
+                        flush=True,
+                    )
         if args.json:
             Path(args.json).write_text(
                 json.dumps(

@@ -6,7 +6,8 @@
 
 `StandInModel` has the surface `InferStage` uses (parameters, dtypes, `encode_images`,
 `answer_batch`), so everything around the model (Ray Data, stages, batching, the driver's
-commits) runs unchanged. `answer_batch` sleeps `sleep_s` per call, whatever the batch holds, so
+commits) runs unchanged. It stands for a model on an accelerator: the work InferStage hands to
+the device (normalizing pixels, encoding, generating) costs no host CPU here. `answer_batch` sleeps `sleep_s` per call, whatever the batch holds, so
 a pool of N actors cannot exceed N x batch_size / sleep_s rows/s: that is the bound the pipeline
 is measured against. Each call appends `pid start end rows` to `log_path` (one short O_APPEND
 write, atomic across processes), from which the benchmarks compute actor busy time.
@@ -87,12 +88,21 @@ class StandInLoader:
     log_path: str | None = None
 
     def __call__(self):
-        from ziya_model.processing import ZiyaImageProcessor
-
         model = StandInModel(self.sleep_s, self.log_path)
         now = time.time()
         log_call(self.log_path, now, now, LOADED)  # when this actor was ready for work
-        return model, None, ZiyaImageProcessor(self.image_size)
+        return model, None, StandInProcessor(self.image_size)
+
+
+class StandInProcessor:
+    """Normalization is the model device's work (InferStage runs it on the GPU): the stand-in
+    device does it for free, so the benchmark's host CPU goes only to the pipeline itself."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return pixels
 
 
 class StandInActor:
