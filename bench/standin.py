@@ -116,3 +116,27 @@ class StandInActor:
     def __call__(self, batch: dict) -> dict:
         answers = self.model.answer_batch(None, list(batch["id"]), None)
         return {"id": batch["id"], "answer": [a.text for a in answers]}
+
+
+@dataclass(frozen=True)
+class TimedLoader:
+    """Wraps a real loader (e.g. `ModelLoader(job)`): logs every `answer_batch` call like the
+    stand-in does (`pid start end rows`, plus a LOADED line), and changes nothing else."""
+
+    base: object
+    log_path: str
+
+    def __call__(self):
+        model, tokenizer, processor = self.base()
+        answer_batch = model.answer_batch
+
+        def timed(tokenizer, queries, image_embeds, **kwargs):
+            start = time.time()
+            answers = answer_batch(tokenizer, queries=queries, image_embeds=image_embeds, **kwargs)
+            log_call(self.log_path, start, time.time(), len(queries))
+            return answers
+
+        model.answer_batch = timed  # this instance only
+        now = time.time()
+        log_call(self.log_path, now, now, LOADED)
+        return model, tokenizer, processor
