@@ -69,7 +69,7 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
 def test_driver_killed_midway_then_rerun_does_only_the_rest(
     ray_cluster, moto_endpoint, bucket, photo_dir, tiny_checkpoint, tmp_path
 ):
-    n, per_shard = 24, 2
+    n, per_shard = 16, 2
     shards_total = n // per_shard
     ids = [f"k{i:03d}" for i in range(n)]
     put_manifest(moto_endpoint, BUCKET, "m/killed/part-0.parquet", ids, _images(photo_dir, n))
