@@ -123,7 +123,10 @@ class ResourcesConfig(_Strict):
         default=1, gt=0, description="CPUs per fetch/preprocess task (keeps them off model actors)."
     )
     preprocess_batch_size: int = Field(
-        default=32, ge=1, description="Rows per fetch/preprocess batch."
+        default=128,
+        ge=1,
+        description="Rows per fetch/preprocess task (rounded up to whole model batches); large "
+        "enough that Ray's per-task cost stays small next to decoding the images.",
     )
     fetch_threads: int = Field(
         default=16, ge=1, description="Concurrent image reads per fetch task."
