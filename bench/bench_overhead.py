@@ -311,10 +311,15 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         free = run_reference(work, manifest, actors, args, tag="-free", sleep=0)
                     capacity[f"{name}/{actors}"] = [free.rows_per_s, free.steady_rows_per_s]
+                    steady = free.steady_rows_per_s
                     print(
                         f"  {name:<10} with a model taking no time: {free.rows_per_s:5.0f} "
-                        f"rows/s end to end, {free.steady_rows_per_s:5.0f} in steady state "
-                        f"= {free.steady_rows_per_s / bound:.2f} x the bound",
+                        f"rows/s end to end = {free.rows_per_s / bound:.2f} x the bound; "
+                        + (
+                            f"{steady:5.0f} in steady state = {steady / bound:.2f} x the bound"
+                            if steady == steady  # not NaN
+                            else "steady state too short to measure"
+                        ),
                         flush=True,
                     )
         if args.json:

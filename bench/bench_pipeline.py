@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photo-size", type=str, default="640x480", help="JPEG size WxH")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32, help="rows per model batch")
-    parser.add_argument("--preprocess-batch", type=int, default=32)
+    parser.add_argument("--preprocess-batch", type=int, default=128)
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=1)
