@@ -34,7 +34,7 @@ from tests.support.faultproxy import FaultProxy, Faults
 
 pytestmark = pytest.mark.slow
 
-BUCKET = "faults"
+BUCKET = "fault-runs"
 
 
 @pytest.fixture(scope="module")

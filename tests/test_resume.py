@@ -37,7 +37,7 @@ from tests.support.faultproxy import FaultProxy, Faults
 
 pytestmark = pytest.mark.slow
 
-BUCKET = "resume"
+BUCKET = "resume-runs"
 REPO = Path(__file__).resolve().parents[1]
 
 

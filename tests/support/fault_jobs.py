@@ -1,6 +1,6 @@
 """Small jobs over the session's moto S3 for the fault and resume tests.
 
-    bucket = seed_bucket(moto_endpoint, "faults", photo_dir)        # photos + a poison image
+    bucket = seed_bucket(moto_endpoint, "fault-runs", photo_dir)    # photos + a poison image
     put_manifest(moto_endpoint, bucket, "m/a.parquet", ids, images)
     job = make_job(moto_endpoint, bucket, tiny, "m/", "out/x", rows_per_shard=4)
     before = listing(moto_endpoint, bucket, "out/x/")               # key -> (ETag, LastModified)
