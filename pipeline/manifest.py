@@ -15,6 +15,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -160,7 +161,9 @@ def plan(job: JobConfig) -> ManifestPlan:
     files = list_manifest_files(job.input.uri, job.storage)
     schema: pa.Schema | None = None
     shards: list[Shard] = []
-    all_ids: list[pa.ChunkedArray] = []
+    # 64-bit hashes of the ids (8 bytes a row), not the ids: the driver's memory stays small
+    # for manifests of many millions of rows.
+    id_hashes: list[np.ndarray] = []
     total = 0
     for uri in files:
         fs, path = filesystem(uri, job.storage)
@@ -191,7 +194,7 @@ def plan(job: JobConfig) -> ManifestPlan:
             raise ManifestError(
                 f"manifest {uri}: column 'id' is null at row {index}: {_example(table)}"
             )
-        all_ids.append(ids)
+        id_hashes.append(_hash_ids(ids))
         rows = meta.num_rows
         step = job.output.rows_per_shard
         for start in range(0, rows, step):
@@ -200,25 +203,45 @@ def plan(job: JobConfig) -> ManifestPlan:
         total += rows
     if schema is None:
         raise ManifestError("no manifest files found")
-    _check_unique(all_ids, files)
+    _check_unique(id_hashes, files, job.storage)
     return ManifestPlan(files=files, shards=shards, total_rows=total, schema=schema)
 
 
-def _check_unique(all_ids: list[pa.ChunkedArray], files: list[str]) -> None:
-    """Ids must be unique across all files (the output is joined on them)."""
-    if not all_ids:
+def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
+    from pandas.util import hash_array  # vectorized 64-bit hash (pandas comes with ray[data])
+
+    return hash_array(ids.to_numpy(zero_copy_only=False).astype(object), categorize=False)
+
+
+def _check_unique(id_hashes: list[np.ndarray], files: list[str], storage: StorageConfig) -> None:
+    """Ids must be unique across all files (the output is joined on them).
+
+    Duplicates are found among the hashes; the ids behind a repeated hash are then read again to
+    name a real duplicate (a bare 64-bit collision is not one).
+    """
+    if not id_hashes:
         return
-    ids = pa.chunked_array([c for a in all_ids for c in a.chunks], type=pa.string())
-    counts = pc.value_counts(ids)
-    dup = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(dup):
-        value = dup.field("values")[0].as_py()
-        where = [
-            f for f, a in zip(files, all_ids, strict=True) if pc.any(pc.equal(a, value)).as_py()
-        ]
+    hashes = np.sort(np.concatenate(id_hashes))
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    if not len(repeated):
+        return
+    counts: dict[str, int] = {}
+    where: dict[str, list[str]] = {}
+    for uri, file_hashes in zip(files, id_hashes, strict=True):
+        hit = np.isin(file_hashes, repeated)
+        if not hit.any():
+            continue
+        fs, path = filesystem(uri, storage)
+        ids = _read_ids(fs, path).to_numpy(zero_copy_only=False)[hit]
+        for value in ids:
+            counts[value] = counts.get(value, 0) + 1
+            where.setdefault(value, []).append(uri)
+    dups = {v: n for v, n in counts.items() if n > 1}
+    if dups:
+        value = min(dups)
         raise ManifestError(
-            f"manifest column 'id' must be unique: {len(dup)} ids repeat, e.g. {value!r} "
-            f"(x{dup.field('counts')[0].as_py()}) in {', '.join(where)}"
+            f"manifest column 'id' must be unique: {len(dups)} ids repeat, e.g. {value!r} "
+            f"(x{dups[value]}) in {', '.join(sorted(set(where[value])))}"
         )
 
 
