@@ -210,7 +210,9 @@ def plan(job: JobConfig) -> ManifestPlan:
 def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
     from pandas.util import hash_array  # vectorized 64-bit hash (pandas comes with ray[data])
 
-    return hash_array(ids.to_numpy(zero_copy_only=False).astype(object), categorize=False)
+    # Hashed as bytes: an id that is not valid UTF-8 must not fail the check.
+    raw = ids.cast(pa.binary()).to_numpy(zero_copy_only=False).astype(object)
+    return hash_array(raw, categorize=False)
 
 
 def _check_unique(id_hashes: list[np.ndarray], files: list[str], storage: StorageConfig) -> None:
@@ -225,23 +227,24 @@ def _check_unique(id_hashes: list[np.ndarray], files: list[str], storage: Storag
     repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     if not len(repeated):
         return
-    counts: dict[str, int] = {}
-    where: dict[str, list[str]] = {}
+    counts: dict[bytes, int] = {}
+    where: dict[bytes, list[str]] = {}
     for uri, file_hashes in zip(files, id_hashes, strict=True):
         hit = np.isin(file_hashes, repeated)
         if not hit.any():
             continue
         fs, path = filesystem(uri, storage)
-        ids = _read_ids(fs, path).to_numpy(zero_copy_only=False)[hit]
+        ids = _read_ids(fs, path).cast(pa.binary()).to_numpy(zero_copy_only=False)[hit]
         for value in ids:
             counts[value] = counts.get(value, 0) + 1
             where.setdefault(value, []).append(uri)
     dups = {v: n for v, n in counts.items() if n > 1}
     if dups:
-        value = min(dups)
+        first = min(dups)
         raise ManifestError(
-            f"manifest column 'id' must be unique: {len(dups)} ids repeat, e.g. {value!r} "
-            f"(x{dups[value]}) in {', '.join(sorted(set(where[value])))}"
+            f"manifest column 'id' must be unique: {len(dups)} ids repeat, e.g. "
+            f"{first.decode('utf-8', 'replace')!r} (x{dups[first]}) in "
+            f"{', '.join(sorted(set(where[first])))}"
         )
 
 
