@@ -276,10 +276,19 @@ def _consume(
     """Stream the answer rows into the committer; a batch that crashed its worker on every
     retry is dropped (up to `run.max_crashed_batches`) and its rows stay missing."""
     ds.context.max_errored_blocks = committer.job.run.max_crashed_batches
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        committer.add(batch)
-        if progress:
-            progress(committer.tally, rows_total, time.time() - t0)
+    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    try:
+        for batch in batches:
+            committer.add(batch)
+            if progress:
+                progress(committer.tally, rows_total, time.time() - t0)
+    finally:
+        # When the job stops early (abort threshold, a failed commit), shut the execution down
+        # now: left to the garbage collector, its tasks and model actors keep holding the
+        # cluster's CPUs/GPUs, and the next job on the same cluster waits for them forever.
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def _isolation_plan(ctx: Context, lost: dict[str, list[int]]) -> Any:
