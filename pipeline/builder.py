@@ -29,6 +29,7 @@ from pipeline.config import JobConfig
 from pipeline.locations import LocationPolicy
 from pipeline.manifest import ManifestError, ManifestPlan, Shard, plan
 from pipeline.metrics import DriverMetrics
+from pipeline.roster import ActorRoster
 from pipeline.stages.fetch import FetchStage, key_as_int
 from pipeline.stages.infer import InferStage
 from pipeline.stages.preprocess import PreprocessStage
@@ -52,6 +53,7 @@ class Context:
     policy: LocationPolicy
     done_keys: np.ndarray | None = None  # incremental: keys of rows already labeled
     loader: Callable[[], Any] | None = None
+    roster: ActorRoster | None = None  # set by `run`: where model actors register, to be stopped
 
 
 def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
@@ -109,12 +111,14 @@ DEFAULT_GPU_BATCH = 256
 DEFAULT_CPU_BATCH = 8
 
 
-def build(shards: Any, ctx: Context) -> Any:
+def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
     """Shard descriptors (Dataset with shard_id, path, start, end, rows) -> answer rows.
 
     Read runs one CPU task per shard; its rows are re-cut into blocks of equal size across shard
     boundaries; fetch and preprocess run fused as CPU tasks on those blocks; the model stage is an
     actor pool with its own resource request, so preprocessing never runs inside a model actor.
+    With `isolate`, each model actor holds one batch at a time, none running beside it or queued
+    behind it: a batch that crashes its actor then takes no other batch down with it.
     """
     import ray
 
@@ -160,7 +164,13 @@ def build(shards: Any, ctx: Context) -> Any:
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
         return ds.map_batches(
             InferStage,
-            fn_constructor_args=(ctx.loader, _generation(job), res.batch_size, job.preprocess.mode),
+            fn_constructor_args=(
+                ctx.loader,
+                _generation(job),
+                res.batch_size,
+                job.preprocess.mode,
+                ctx.roster,
+            ),
             batch_size=model_batch,
             batch_format="pyarrow",
             # Two calls per actor at once: InferStage lets only one onto the model and prepares
@@ -169,7 +179,8 @@ def build(shards: Any, ctx: Context) -> Any:
             # per concurrent call), their blocks already fetched.
             compute=ray.data.ActorPoolStrategy(
                 size=res.actors,
-                max_concurrent_calls_per_actor=2,
+                max_concurrent_calls_per_actor=1 if isolate else 2,
+                max_tasks_in_flight_per_actor=1 if isolate else None,
                 enable_true_multi_threading=True,
             ),
             num_gpus=res.gpus_per_actor,
@@ -284,15 +295,15 @@ def _consume(
                 progress(committer.tally, rows_total, time.time() - t0)
     finally:
         # When the job stops early (abort threshold, a failed commit), shut the execution down
-        # now: left to the garbage collector, its tasks and model actors keep holding the
-        # cluster's CPUs/GPUs, and the next job on the same cluster waits for them forever.
+        # now: left to the garbage collector, its tasks keep holding the cluster's CPUs. (Its
+        # model actors are stopped by `run` through the roster, see roster.py.)
         close = getattr(batches, "close", None)
         if close is not None:
             close()
 
 
 def _isolation_plan(ctx: Context, lost: dict[str, list[int]]) -> Any:
-    """The lost rows again, each alone in its block and model batch."""
+    """The lost rows again, each alone in its block, its model batch and on its actor."""
     import ray
 
     job = ctx.job
@@ -305,7 +316,7 @@ def _isolation_plan(ctx: Context, lost: dict[str, list[int]]) -> Any:
         for s in [by_id[sid]]
         for r in rows
     ]
-    return build(ray.data.from_items(items, override_num_blocks=len(items)), alone)
+    return build(ray.data.from_items(items, override_num_blocks=len(items)), alone, isolate=True)
 
 
 def run(
@@ -400,17 +411,25 @@ def run(
         ]
         shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
         rows_total = sum(s.num_rows for s in todo)
-        _consume(build(shards_ds, ctx), committer, progress, rows_total, t0)
-        lost = committer.missing()
-        if lost:
-            # Their batches crashed the model worker on every retry and Ray Data dropped them.
-            # Retry those rows one per batch, so only a row that is itself at fault fails.
-            log.warning(
-                "%d rows were in batches that crashed their worker on every retry; "
-                "retrying them one row per batch",
-                sum(map(len, lost.values())),
-            )
-            _consume(_isolation_plan(ctx, lost), committer, progress, rows_total, t0)
+        # Each pass's model actors are stopped when it ends, however it ends (see roster.py):
+        # left to Ray Data they can outlive the pass and hold the GPUs the next one needs.
+        ctx.roster = ActorRoster.start()
+        try:
+            _consume(build(shards_ds, ctx), committer, progress, rows_total, t0)
+            ctx.roster.stop_actors()
+            lost = committer.missing()
+            if lost:
+                # Their batches crashed the model worker on every retry and Ray Data dropped
+                # them. Retry those rows one per batch, so only a row at fault itself fails.
+                log.warning(
+                    "%d rows were in batches that crashed their worker on every retry; "
+                    "retrying them one row per batch",
+                    sum(map(len, lost.values())),
+                )
+                _consume(_isolation_plan(ctx, lost), committer, progress, rows_total, t0)
+        finally:
+            ctx.roster.close()
+            ctx.roster = None
     filled = committer.finish()
     tally = committer.tally
     summary = Summary(

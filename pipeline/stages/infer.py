@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from pipeline.columns import INFERENCE_ERROR, INVALID_QUESTION, OK, check_columns
 from pipeline.redact import describe_error
+from pipeline.roster import ActorRoster
 from pipeline.text import fix_surrogates
 
 INPUT_COLUMNS = {
@@ -75,11 +76,21 @@ MAX_AUTO_BATCH = 256
 class InferStage:
     """Holds one model replica; `__init__` runs once per actor."""
 
-    def __init__(self, loader, generation, batch_size: int | None, pixel_mode: str = "fast"):
+    def __init__(
+        self,
+        loader,
+        generation,
+        batch_size: int | None,
+        pixel_mode: str = "fast",
+        roster: ActorRoster | None = None,
+    ):
         import torch
 
         from pipeline.metrics import ActorMetrics
 
+        if roster is not None:
+            # Before the model loads: `run` can stop this actor even if loading never ends.
+            roster.register_current_actor()
         t0 = time.perf_counter()
         self.model, self.tokenizer, self.processor = loader()
         self.device = next(self.model.parameters()).device
