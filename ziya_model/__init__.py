@@ -1,49 +1,47 @@
 """Ziya-Visual (Ziya-BLIP2-14B-Visual-v1) on transformers: model, prompt, preprocessing, loading.
 
 The model alone: this package never imports ray, pipeline or jobs.
+
+Names are imported from their modules on first use: a preprocessing worker that needs only
+`ziya_model.processing` (torch + Pillow) does not pay for importing transformers (~3 s a worker).
 """
 
-from .configuration import real_dims_config, ziya_config
-from .loading import UnsafeCheckpointError, load_ziya, model_identity
-from .modeling import Answer, GenerationSettings, ZiyaBlip2ForCausalLM
-from .processing import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ImageDecodeError,
-    ImageTooLarge,
-    ZiyaImageProcessor,
-    decode_image,
-)
-from .prompt import build_prompt
+from __future__ import annotations
 
-_LAZY = {"TinyCheckpoint", "write_tiny_checkpoint"}
+import importlib
+
+_EXPORTS = {
+    "real_dims_config": "configuration",
+    "ziya_config": "configuration",
+    "UnsafeCheckpointError": "loading",
+    "load_ziya": "loading",
+    "model_identity": "loading",
+    "Answer": "modeling",
+    "GenerationSettings": "modeling",
+    "ZiyaBlip2ForCausalLM": "modeling",
+    "OPENAI_CLIP_MEAN": "processing",
+    "OPENAI_CLIP_STD": "processing",
+    "ImageDecodeError": "processing",
+    "ImageTooLarge": "processing",
+    "ZiyaImageProcessor": "processing",
+    "decode_image": "processing",
+    "build_prompt": "prompt",
+    "TinyCheckpoint": "tiny",
+    "write_tiny_checkpoint": "tiny",
+}
 
 
 def __getattr__(name: str):
-    # Imported on first use so `python -m ziya_model.tiny` does not import the module twice.
-    if name in _LAZY:
-        from . import tiny
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ziya_model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-        return getattr(tiny, name)
-    raise AttributeError(f"module 'ziya_model' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = [
-    "OPENAI_CLIP_MEAN",
-    "OPENAI_CLIP_STD",
-    "Answer",
-    "GenerationSettings",
-    "ImageDecodeError",
-    "ImageTooLarge",
-    "TinyCheckpoint",
-    "UnsafeCheckpointError",
-    "ZiyaBlip2ForCausalLM",
-    "ZiyaImageProcessor",
-    "build_prompt",
-    "decode_image",
-    "load_ziya",
-    "model_identity",
-    "real_dims_config",
-    "write_tiny_checkpoint",
-    "ziya_config",
-]
+__all__ = sorted(_EXPORTS)
