@@ -53,7 +53,8 @@ class Progress:
         if self.quiet or now - self.last < (0.5 if self.tty else 10):
             return
         self.last = now
-        done = tally.rows_in
+        # Rows as they arrive: commits trail them (a shard commits once all its rows are in).
+        done = tally.rows_arrived
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else float("nan")
         line = (

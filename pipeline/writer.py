@@ -74,8 +74,9 @@ class Tally:
     statuses: Counter = field(default_factory=Counter)
     tokens: int = 0
     shards: int = 0
-    failures_seen: int = 0  # failed rows seen in the stream (committed or not)
-    rows_seen: int = 0
+    failures_seen: int = 0  # failed answer rows seen in the stream (committed or not)
+    rows_seen: int = 0  # answer rows seen in the stream (one per question)
+    rows_arrived: int = 0  # manifest rows whose answers reached the driver (committed or not)
 
 
 class ShardCommitter:
@@ -126,7 +127,9 @@ class ShardCommitter:
             ):
                 if (r, q) not in state.seen:
                     state.seen.add((r, q))
-                    state.rows.add(r)
+                    if r not in state.rows:
+                        state.rows.add(r)
+                        self.tally.rows_arrived += 1
                     keep.append(i)
             if keep:
                 part = part.take(keep)
