@@ -72,7 +72,10 @@ def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
         not is_remote(a) and not a.startswith(("http://", "https://")) for a in allowed
     )
     return LocationPolicy(
-        allowed=sorted(set(allowed)), allow_local=allow_local, allow_http=job.limits.allow_http
+        allowed=sorted(set(allowed)),
+        allow_local=allow_local,
+        allow_http=job.limits.allow_http,
+        allowed_networks=job.limits.allowed_networks,
     )
 
 

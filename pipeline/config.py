@@ -6,6 +6,7 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -153,6 +154,11 @@ class LimitsConfig(_Strict):
         default=False,
         description="Allow http(s):// image URLs (never to loopback, link-local or private hosts).",
     )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Networks trusted on purpose for http(s) images, as CIDR (an on-prem image "
+        "server at 10.20.0.0/16): their addresses pass the private-address check. Empty = none.",
+    )
     max_image_bytes: int = Field(
         default=50 * 1024 * 1024, ge=1, description="Larger image objects end as too_large."
     )
@@ -161,6 +167,16 @@ class LimitsConfig(_Strict):
         ge=1,
         description="Images with more pixels (from the header) are too_large.",
     )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network (e.g. 10.20.0.0/16)") from None
+        return v
 
 
 class PreprocessConfig(_Strict):

@@ -3,6 +3,7 @@ exactly-once bookkeeping."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from pipeline.builder import default_policy
 from pipeline.columns import StageInputError
-from pipeline.config import parse_job
+from pipeline.config import JobConfigError, parse_job
 from pipeline.layout import committed_shards, read_output
 from pipeline.manifest import ManifestError, plan
 from pipeline.stages.fetch import FetchStage
@@ -217,3 +218,17 @@ def test_labeling_schema_questions_are_asked_of_every_row(tmp_path, local_job):
     job = local_job(task={"kind": "vqa", "questions": ["Schema?"]})
     _, shards = _shard_rows(job)
     assert ReadStage(job)(shards).to_pylist()[1]["questions"] == ["Schema?", "only one"]
+
+
+def test_allowed_networks_reach_the_location_policy(local_job):
+    base = {"allow_http": True, "allowed_locations": ["https://img.corp.example/"]}
+    open_job = local_job(limits={**base, "allowed_networks": ["10.20.0.0/16"]})
+    policy = default_policy(open_job, plan(open_job).files)
+    policy = dataclasses.replace(policy, resolver=lambda host, port: ["10.20.3.4"])
+    assert policy.check("https://img.corp.example/a.jpg") is None
+    closed = dataclasses.replace(policy, allowed_networks=[])
+    assert "private" in closed.check("https://img.corp.example/a.jpg")
+    with pytest.raises(
+        JobConfigError, match=r"limits.allowed_networks.*'10.20/x' is not a network"
+    ):
+        local_job(limits={**base, "allowed_networks": ["10.20/x"]})
