@@ -182,7 +182,7 @@ class LimitsConfig(_Strict):
 class PreprocessConfig(_Strict):
     mode: Literal["fast", "exact"] = Field(
         default="fast",
-        description="fast: JPEG draft decode, uint8 shipped, normalized on the model's device; "
+        description="fast: JPEG decoded at reduced DCT scale, uint8 shipped, normalized on the model's device; "
         "exact: transformers' BlipImageProcessor arithmetic, float32 shipped.",
     )
 

@@ -16,7 +16,13 @@ from PIL import Image
 from skimage import data
 from transformers import BlipImageProcessor
 
-from ziya_model import ImageDecodeError, ImageTooLarge, ZiyaImageProcessor, decode_image
+from ziya_model import (
+    ImageDecodeError,
+    ImageTooLarge,
+    ZiyaImageProcessor,
+    decode_image,
+    decode_pixels,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 224
@@ -83,7 +89,14 @@ def test_exact_mode_matches_blip_image_processor(photo_jpegs, reference):
         assert float((ours - theirs).abs().max()) <= 1e-6, name
 
 
-def test_fast_path_agrees_with_reference(photo_jpegs, reference):
+@pytest.mark.parametrize(
+    "decode",
+    [
+        pytest.param(lambda raw: decode_pixels(raw, min_size=S), id="decode_pixels"),
+        pytest.param(lambda raw: decode_image(raw, draft_size=S), id="pillow_draft"),
+    ],
+)
+def test_fast_path_agrees_with_reference(photo_jpegs, reference, decode):
     processor = ZiyaImageProcessor(S)
     diffs = []
     for name, path in photo_jpegs.items():
@@ -91,7 +104,7 @@ def test_fast_path_agrees_with_reference(photo_jpegs, reference):
         with Image.open(io.BytesIO(raw)) as img:
             img.load()
             theirs = reference(img, return_tensors="pt")["pixel_values"]
-        pixels = processor.preprocess_uint8(decode_image(raw, draft_size=S))
+        pixels = processor.preprocess_uint8(decode(raw))
         assert pixels.dtype == np.uint8 and pixels.shape == (3, S, S), name
         ours = processor.normalize(torch.from_numpy(pixels), torch.float32)
         diffs.append(float((ours - theirs).abs().mean()))
@@ -190,6 +203,34 @@ def test_truncated_jpeg_is_a_decode_error(photo_jpegs):
     raw = photo_jpegs["astronaut"].read_bytes()
     with pytest.raises(ImageDecodeError, match="truncated"):
         decode_image(raw[: len(raw) // 2])
+    with pytest.raises(ImageDecodeError, match="cannot decode JPEG"):
+        decode_pixels(raw[: len(raw) // 2], min_size=S)
+
+
+def test_decode_pixels_scales_down_but_covers_the_model_size(photo_jpegs):
+    raw = photo_jpegs["astronaut"].read_bytes()  # 512 x 512
+    pixels = decode_pixels(raw, min_size=S)
+    assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+    assert S <= pixels.shape[0] < 512 and S <= pixels.shape[1] < 512
+    full = np.asarray(decode_image(raw))
+    small = np.asarray(Image.fromarray(full).resize(pixels.shape[1::-1], Image.BICUBIC))
+    assert np.abs(small.astype(int) - pixels).mean() < 4  # the same picture, in grey levels
+
+
+def test_decode_pixels_takes_pillow_for_rotated_cmyk_and_png():
+    src = Image.new("RGB", (400, 260), (255, 0, 0))
+    src.paste((0, 0, 255), (200, 0, 400, 260))  # left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    rotated = decode_pixels(_encode(src, "JPEG", quality=95, exif=exif.tobytes()), min_size=S)
+    assert rotated.shape[0] > rotated.shape[1]  # portrait now
+    assert rotated[10, 100, 0] > 200 and rotated[-10, 100, 2] > 200  # red on top, blue below
+    cmyk = decode_pixels(_encode(src.convert("CMYK"), "JPEG", quality=95), min_size=S)
+    png = decode_pixels(_encode(src, "PNG"), min_size=S)
+    for pixels in (cmyk, png):
+        assert pixels.shape[2] == 3 and pixels[130, 50, 0] > 200 and pixels[130, 350, 2] > 200
+    with pytest.raises(ImageTooLarge):
+        decode_pixels(_encode(src, "JPEG"), max_pixels=1000, min_size=S)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ _EXPORTS = {
     "ImageTooLarge": "processing",
     "ZiyaImageProcessor": "processing",
     "decode_image": "processing",
+    "decode_pixels": "processing",
     "build_prompt": "prompt",
     "TinyCheckpoint": "tiny",
     "write_tiny_checkpoint": "tiny",

@@ -4,8 +4,8 @@ Input columns:  image_bytes, status (+ everything else, passed through)
 Output columns: the input without image and image_bytes, plus pixels (binary: the image as
                 uint8 [3, S, S] in fast mode, or CLIP-normalized float32 [3, S, S] in exact mode)
 
-Fast mode decodes JPEGs at reduced scale (Pillow draft), resizes on the CPU and ships uint8
-(a quarter of float32); the model actor normalizes on its device. Exact mode reproduces
+Fast mode decodes JPEGs at reduced scale (libjpeg-turbo DCT scaling), resizes on the CPU and
+ships uint8 (a quarter of float32); the model actor normalizes on its device. Exact mode reproduces
 transformers' BlipImageProcessor. The header is checked before decoding, so decompression
 bombs end as `too_large` without allocating their pixels.
 """
@@ -15,7 +15,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline.columns import DECODE_ERROR, OK, TOO_LARGE, check_columns, set_column
-from ziya_model.processing import ImageDecodeError, ImageTooLarge, ZiyaImageProcessor, decode_image
+from ziya_model.processing import (
+    ImageDecodeError,
+    ImageTooLarge,
+    ZiyaImageProcessor,
+    decode_image,
+    decode_pixels,
+)
 
 INPUT_COLUMNS = {
     "image_bytes": "encoded image (null for failed rows)",
@@ -31,13 +37,10 @@ class PreprocessStage:
         self.mode = mode
 
     def _pixels(self, data: bytes) -> bytes:
-        image = decode_image(
-            data,
-            self.max_pixels,
-            draft_size=self.processor.image_size if self.mode == "fast" else None,
-        )
         if self.mode == "fast":
-            return self.processor.preprocess_uint8(image).tobytes()
+            pixels = decode_pixels(data, self.max_pixels, min_size=self.processor.image_size)
+            return self.processor.preprocess_uint8(pixels).tobytes()
+        image = decode_image(data, self.max_pixels)
         return self.processor([image])[0].numpy().astype("float32").tobytes()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
