@@ -215,6 +215,8 @@ def test_decode_pixels_scales_down_but_covers_the_model_size(photo_jpegs):
     full = np.asarray(decode_image(raw))
     small = np.asarray(Image.fromarray(full).resize(pixels.shape[1::-1], Image.BICUBIC))
     assert np.abs(small.astype(int) - pixels).mean() < 4  # the same picture, in grey levels
+    grey = decode_pixels(_encode(Image.new("L", (1000, 900), 77), "JPEG"), min_size=S)
+    assert grey.shape == (225, 250, 3) and (grey == 77).all()  # 1/4 scale, grey as RGB
 
 
 def test_decode_pixels_takes_pillow_for_rotated_cmyk_and_png():

@@ -141,7 +141,10 @@ def decode_pixels(
     the same either way; a truncated or corrupt JPEG raises `ImageDecodeError`.
     """
     img = _open_checked(data, max_pixels)
-    upright = img.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    try:
+        upright = img.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    except Exception:  # malformed EXIF: let Pillow's path below decide (row status, no crash)
+        upright = False
     if img.format == "JPEG" and img.mode in ("RGB", "L") and upright:
         import simplejpeg
 
