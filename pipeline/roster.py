@@ -20,7 +20,10 @@ a pass ends, whatever happened in it:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger("ziya_batch")
 
 
 class _Roster:
@@ -69,7 +72,12 @@ class ActorRoster:
         return len(actors)
 
     def close(self) -> None:
+        """Stop the remaining actors and the roster. Called in a `finally`, so it never raises:
+        an error here must not hide the one that ended the job (it is logged instead)."""
         import ray
 
-        self.stop_actors()
-        ray.kill(self._actor, no_restart=True)
+        try:
+            self.stop_actors()
+            ray.kill(self._actor, no_restart=True)
+        except Exception as err:  # e.g. the roster's node was lost
+            log.warning("could not stop the model actors of this pass: %s", err)

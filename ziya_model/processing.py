@@ -105,10 +105,14 @@ def decode_image(
     decoded then) and `ImageDecodeError` for anything that is not a complete image. With
     `draft_size`, JPEGs decode at a reduced DCT scale covering `draft_size` on both sides.
     """
+    return _decode_opened(_open_checked(data, max_pixels), draft_size)
+
+
+def _decode_opened(img: Image.Image, draft_size: int | None) -> Image.Image:
+    """`decode_image` after the header checks."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Global Pillow switch; if someone turned it on, truncated files would pass silently.
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
-    img = _open_checked(data, max_pixels)
     try:
         # Animated images: open() leaves the first frame current and load() decodes only that
         # one (asking n_frames would scan every frame of a possibly hostile file).
@@ -164,7 +168,7 @@ def decode_pixels(
             )
         except ValueError as err:
             raise ImageDecodeError(f"cannot decode JPEG image: {err}") from err
-    return np.asarray(decode_image(data, max_pixels, draft_size=min_size))
+    return np.array(_decode_opened(img, draft_size=min_size))  # writable, for torch
 
 
 class ZiyaImageProcessor:
