@@ -29,6 +29,7 @@ LOADED = -1  # `rows` value of the log line an actor writes when its model is lo
 class StandInAnswer:
     text: str
     num_tokens: int
+    mean_logprob: float | None = None
 
 
 class StandInModel(torch.nn.Module):

@@ -7,12 +7,13 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import ipaddress
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ziya_model.generation import GenerationSettings
 
 DEFAULT_CAPTION_PROMPT = (
     "请用中文和英文各写一句话描述这张图片。Describe this image in one sentence."
@@ -76,32 +77,6 @@ class ModelConfig(_Strict):
         default="/tmp/ziya-batch/models",
         description="Node-local directory where weights from object storage are cached.",
     )
-
-
-class GenerationConfig(_Strict):
-    max_new_tokens: int = Field(
-        default=64, ge=1, le=2048, description="Upper bound on answer tokens."
-    )
-    min_new_tokens: int = Field(default=0, ge=0, description="Lower bound on answer tokens.")
-    do_sample: bool = Field(default=False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(
-        default=0.7, gt=0, description="Sampling temperature (do_sample only)."
-    )
-    top_p: float = Field(
-        default=0.1, gt=0, le=1, description="Nucleus sampling mass (do_sample only)."
-    )
-    repetition_penalty: float = Field(
-        default=1.0, ge=1.0, description="Penalty on repeated tokens (the seed's demo used 1.18)."
-    )
-
-    @model_validator(mode="after")
-    def _bounds(self) -> GenerationConfig:
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens must be <= max_new_tokens")
-        return self
-
-    def as_json(self) -> str:
-        return json.dumps(self.model_dump(), sort_keys=True)
 
 
 class ResourcesConfig(_Strict):
@@ -227,7 +202,8 @@ class JobConfig(_Strict):
     output: OutputConfig
     model: ModelConfig
     task: TaskConfig = Field(default_factory=TaskConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    # One definition for chat(), answer_batch and job files (ziya_model.generation).
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

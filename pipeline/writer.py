@@ -1,7 +1,7 @@
 """Stage 5, write: the driver collects answer rows per shard and commits each complete shard once.
 
 Input columns: the infer stage's output (shard, row, id, question_index, question, answer,
-               status, error, num_tokens, latency_s, row_key, image_identity)
+               status, error, num_tokens, mean_logprob, latency_s, row_key, image_identity)
 Output:        committed shards in the output layout (pipeline/layout.py)
 
 Exactly once: Ray Data retries tasks and restarts actors, so a row may arrive twice; the first
@@ -43,6 +43,7 @@ OUTPUT_COLUMNS = (
     "status",
     "error",
     "num_tokens",
+    "mean_logprob",
     "latency_s",
     "model",
     "generation",
@@ -180,6 +181,7 @@ class ShardCommitter:
             "status": answers.column("status"),
             "error": answers.column("error"),
             "num_tokens": answers.column("num_tokens"),
+            "mean_logprob": answers.column("mean_logprob"),
             "latency_s": answers.column("latency_s"),
             "model": pa.array([self.model] * n, pa.string()),
             "generation": pa.array([self.generation] * n, pa.string()),
@@ -296,6 +298,7 @@ class ShardCommitter:
                 "status": [INFERENCE_ERROR] * n,
                 "error": ["the batch holding this row failed on every retry (worker crash)"] * n,
                 "num_tokens": pa.array([0] * n, pa.int32()),
+                "mean_logprob": pa.array([None] * n, pa.float32()),
                 "latency_s": pa.array([0.0] * n, pa.float32()),
                 "row_key": pa.array([None] * n, pa.string()),
                 "image_identity": pa.array([None] * n, pa.string()),

@@ -1,5 +1,6 @@
 """Batched answers, chat() and the forward on the tiny Ziya-Visual checkpoint (CPU, real classes)."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -223,3 +224,54 @@ def test_cuda_batched_equals_chat_and_bf16_runs(tmp_path, pixels):
         generation=GenerationSettings(max_new_tokens=8, min_new_tokens=8),
     )
     assert [a.num_tokens for a in got] == [8, 8, 8, 8]
+
+
+def test_batched_beam_search_equals_chat_row_by_row(tiny, pixels):
+    """`num_beams=3` in a left-padded batch gives each row the answer it gets alone."""
+    model, tokenizer, _ = tiny
+    rows = _rows()
+    settings = GenerationSettings(max_new_tokens=12, num_beams=3)
+    answers = model.answer_batch(
+        tokenizer,
+        queries=[q for q, _, _ in rows],
+        image_embeds=model.encode_images(pixels),
+        image_index=[i for _, i, _ in rows],
+        histories=[h for _, _, h in rows],
+        generation=settings,
+    )
+    singles = [
+        model.chat(
+            tokenizer,
+            pixels[i : i + 1],
+            q,
+            h[0] if h else [],
+            h[1] if h else [],
+            max_new_tokens=12,
+            num_beams=3,
+        )
+        for q, i, h in rows
+    ]
+    assert [a.text for a in answers] == singles
+    assert len(set(singles)) == len(singles)
+    greedy = model.answer_batch(
+        tokenizer,
+        [rows[0][0]],
+        model.encode_images(pixels[:1]),
+        generation=GenerationSettings(max_new_tokens=12),
+    )
+    # Beam search keeps the best-scoring beam: at least as likely per token as greedy's pick.
+    assert answers[0].mean_logprob >= greedy[0].mean_logprob - 1e-4
+
+
+def test_answer_confidence_is_the_mean_token_logprob(tiny, pixels):
+    model, tokenizer, _ = tiny
+    embeds = model.encode_images(pixels)
+    settings = GenerationSettings(max_new_tokens=10, repetition_penalty=1.0)
+    batch = model.answer_batch(
+        tokenizer, ["Is there a dog?", "What is in the picture?"], embeds[:2], generation=settings
+    )
+    alone = model.answer_batch(tokenizer, ["Is there a dog?"], embeds[:1], generation=settings)
+    assert batch[0].mean_logprob == pytest.approx(alone[0].mean_logprob, abs=1e-4)
+    assert all(a.mean_logprob < 0 and a.num_tokens == 10 for a in batch)
+    # Each step's log-prob is at most log(1) and, for greedy, at least log(1 / vocab).
+    assert all(-np.log(len(tokenizer)) <= a.mean_logprob for a in batch)

@@ -128,6 +128,7 @@ def _answers(shard, rows, status="ok"):
             "status": [status] * len(rows),
             "error": [None if status == "ok" else "boom"] * len(rows),
             "num_tokens": pa.array([3] * len(rows), pa.int32()),
+            "mean_logprob": pa.array([-0.5] * len(rows), pa.float32()),
             "latency_s": pa.array([0.1] * len(rows), pa.float32()),
             "row_key": ["k"] * len(rows),
             "image_identity": ["e"] * len(rows),

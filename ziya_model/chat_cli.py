@@ -18,6 +18,7 @@ from typing import TextIO
 
 import torch
 
+from .generation import GenerationSettings
 from .loading import load_ziya
 from .processing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLarge, decode_image
 from .tiny import write_tiny_checkpoint
@@ -33,11 +34,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--llm", type=Path, help="merged Ziya-LLaMA-13B dir (with --visual)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    # Defaults are GenerationSettings' (the release's), shared with chat() and job files.
+    defaults = GenerationSettings()
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--num-beams", type=int, default=defaults.num_beams)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.1)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
     args = parser.parse_args(argv)
     if args.visual is not None and args.llm is None:
         parser.error("--visual needs --llm (the merged Ziya-LLaMA-13B directory)")
@@ -76,6 +81,8 @@ class _Session:
             max_new_tokens=self.args.max_new_tokens,
             top_p=self.args.top_p,
             temperature=self.args.temperature,
+            top_k=self.args.top_k,
+            num_beams=self.args.num_beams,
             repetition_penalty=self.args.repetition_penalty,
             do_sample=self.args.do_sample,
         )

@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import Blip2Config, LlamaConfig
 
+from .prompt import PromptLayout
+
 # Defaults of the released checkpoint (Ziya-BLIP2-14B-Visual-v1 config.json).
 DEFAULT_HUMAN_NAME = "<human>"
 DEFAULT_ASSISTANT_NAME = "<bot>"
@@ -69,14 +71,18 @@ def ziya_config(
     human_name: str = DEFAULT_HUMAN_NAME,
     assistant_name: str = DEFAULT_ASSISTANT_NAME,
     prompt_prefix: str = DEFAULT_PROMPT_PREFIX,
+    prompt_layout: dict[str, str] | None = None,
     **extra: Any,
 ) -> Blip2Config:
     """Build a Ziya `Blip2Config` (keyword-only, like transformers 5.x constructors).
 
     Sub-configs may be dicts or config objects. `text_config` is forced to `model_type: llama`;
     `qformer_config.encoder_hidden_size` is wired from the vision hidden size by
-    `Blip2Config.__post_init__`.
+    `Blip2Config.__post_init__`. `prompt_layout` (see `ziya_model.prompt.PromptLayout`) is
+    written only when given: the released config has none, so the default layout applies.
     """
+    if prompt_layout is not None:
+        extra["prompt_layout"] = PromptLayout.from_dict(prompt_layout).to_dict()
     text = _as_dict(text_config)
     text["model_type"] = "llama"
     # Sub-config objects must be built by their own classes (dict -> OPT fallback otherwise).
@@ -116,6 +122,12 @@ def prompt_prefix(config: Any) -> str:
     """Text placed before the image embeddings ("" in the release)."""
     value = getattr(config, "prompt_prefix", None)
     return DEFAULT_PROMPT_PREFIX if value is None else str(value)
+
+
+def prompt_layout(config: Any) -> PromptLayout:
+    """The prompt layout: the config's `prompt_layout` mapping over the best-evidenced defaults
+    (the released config has no such key; `python -m ziya_model.probe` settles it)."""
+    return PromptLayout.from_dict(getattr(config, "prompt_layout", None))
 
 
 def num_query_tokens(config: Any) -> int:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from .configuration import image_size
 from .modeling import ZiyaBlip2ForCausalLM
 from .processing import ZiyaImageProcessor
+from .tokenization import load_tokenizer
 
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
@@ -135,17 +136,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {[*_DTYPES, 'auto']}, got {dtype!r}")
     return _DTYPES[dtype]
-
-
-def load_tokenizer(llm_dir: str | Path, pad_token_id: int | None = None) -> PreTrainedTokenizerBase:
-    """The merged LLM's tokenizer, left-padding, pad id from the LLM config (Ziya: 0)."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(llm_dir), local_files_only=True, padding_side="left"
-    )
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None and pad_token_id is not None:
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_token_id)
-    return tokenizer
 
 
 def _check_bin_files(directory: Path) -> None:

@@ -17,7 +17,7 @@ transformers 5.x's `Blip2ForConditionalGeneration` only scatters image features 
 """
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,81 +27,90 @@ from transformers import (
     Blip2PreTrainedModel,
     Blip2QFormerModel,
     Blip2VisionModel,
-    GenerationConfig,
     LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedTokenizerBase,
 )
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import configuration as zc
-from .prompt import build_prompt
+from .generation import GenerationSettings
+from .prompt import EOS, PromptLayout, build_prompt
+from .tokenization import PromptIds, segments_to_ids
 
 History = tuple[Sequence[str], Sequence[str]]
 
 
-@dataclass
-class GenerationSettings:
-    """Decoding options for one `answer_batch` call (the seed's defaults, greedy)."""
-
-    max_new_tokens: int = 128  # hard cap on answer length in tokens (bounds cost per row)
-    min_new_tokens: int = 0  # eos is suppressed before this many tokens (benchmarks fix length)
-    do_sample: bool = False  # greedy unless asked: the public demo never sampled
-    temperature: float = 0.7  # only used when do_sample=True
-    top_p: float = 0.1  # only used when do_sample=True
-    repetition_penalty: float = 1.0  # >1 discourages repeats (the demo used 1.18)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
-                f"got {self.min_new_tokens}"
-            )
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
-            raise ValueError(
-                f"sampling needs temperature > 0 and 0 < top_p <= 1, "
-                f"got temperature={self.temperature}, top_p={self.top_p}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for the `generation` JSON column of output rows)."""
-        return asdict(self)
-
-    def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-        """A fresh `GenerationConfig`; sampling knobs are passed only when sampling, so greedy
-        decoding does not warn about unused flags."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "min_new_tokens": self.min_new_tokens,
-            "do_sample": self.do_sample,
-            "repetition_penalty": self.repetition_penalty,
-            "pad_token_id": _pad_id(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "use_cache": True,
-        }
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return GenerationConfig(**kwargs)
-
-
 @dataclass(frozen=True)
 class Answer:
-    """One generated answer: decoded text (new tokens only, special tokens skipped, stripped)
-    and the number of generated tokens up to and including eos (pads excluded)."""
+    """One generated answer.
+
+    text: new tokens only, special tokens skipped, stripped. num_tokens: generated tokens up to
+    and including eos (pads excluded). mean_logprob: the mean log-probability of those tokens
+    under the distribution the decoder chose from (after repetition penalty; for beam search
+    the beam's own score turned back into a mean). A model-relative signal for finding doubtful
+    answers among many, not a calibrated probability.
+    """
 
     text: str
     num_tokens: int
+    mean_logprob: float | None = None
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     # Ziya pads with id 0; fall back to eos for tokenizers without a pad token.
     pad = tokenizer.pad_token_id
     return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+class _RepetitionPenalty(LogitsProcessor):
+    """transformers' repetition penalty over the generated tokens, the same for every row.
+
+    With `inputs_embeds`, `generate` sees only the new tokens as `input_ids`, and transformers
+    5.x's own processor also skips each row's left-padding length of them
+    (`prompt_ignore_length`), so a padded row was penalized later than the same row alone and
+    batched answers differed from `chat()`. The release generated from `inputs_embeds` as well:
+    the penalty covers the answer's tokens, never the prompt.
+    """
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] == 0:
+            return scores
+        seen = scores.gather(1, input_ids)
+        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        return scores.scatter(1, input_ids, seen)
+
+
+class _ChosenLogprobs(LogitsProcessor):
+    """Records, step by step, the log-probability of the token each row chose.
+
+    Called last among the logits processors, so it sees the distribution the decoder draws
+    from. It keeps one step's log-softmax ([rows, vocab]) and reads the chosen token from the
+    next step's `input_ids`, so memory does not grow with the answer length (keeping every
+    step's scores, as `output_scores` does, would be [steps, rows, vocab]).
+    """
+
+    def __init__(self):
+        self._last: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._last is not None:
+            self.steps.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def per_token(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[rows, steps] log-probabilities of `new_tokens` (the generated ids)."""
+        steps = list(self.steps)
+        if self._last is not None and len(steps) < new_tokens.shape[1]:
+            steps.append(self._last.gather(1, new_tokens[:, -1:]).squeeze(1))
+        return torch.stack(steps, dim=1)
 
 
 class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
@@ -261,58 +270,72 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
 
     # -- answering -------------------------------------------------------------------------
 
-    def build_inputs(
+    def prompt_ids(
         self,
         tokenizer: PreTrainedTokenizerBase,
         queries: Sequence[str],
-        image_embeds: torch.Tensor,
-        image_index: Sequence[int],
         histories: Sequence[History | None] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded `[pads | bos + prefix | image | turns]` embeddings for a batch of rows.
+        layout: PromptLayout | None = None,
+        answers: Sequence[str] | None = None,
+    ) -> list[PromptIds]:
+        """Each row's prompt as token ids, with the place of its image (one tokenizer call).
 
-        image_embeds [n_images, n_query, H]; returns inputs_embeds [B, L, H] and attention_mask
-        [B, L] (0 on pads). The image embeddings are scattered into place in one op.
+        With `answers`, each row's answer is appended as the model would have produced it (the
+        text right after `<bot>:`, then eos): the sequences that scoring and training read.
         """
-        n_rows = len(queries)
-        histories = list(histories) if histories is not None else [None] * n_rows
-        if len(histories) != n_rows or len(image_index) != n_rows:
+        histories = list(histories) if histories is not None else [None] * len(queries)
+        if len(histories) != len(queries):
             raise ValueError(
-                f"queries, image_index and histories must have one entry per row, got "
-                f"{n_rows}, {len(image_index)} and {len(histories)}"
+                f"queries and histories must have one entry per row, got {len(queries)} "
+                f"and {len(histories)}"
             )
-        n_images, n_query, _ = image_embeds.shape
-        bad = [i for i in image_index if not 0 <= i < n_images]
-        if bad:
-            raise ValueError(f"image_index {bad} out of range for {n_images} images")
-        befores, afters = [], []
-        for query, history in zip(queries, histories, strict=True):
+        layout = layout or zc.prompt_layout(self.config)
+        prompts = []
+        for row, (query, history) in enumerate(zip(queries, histories, strict=True)):
             past_q, past_a = history if history is not None else ((), ())
-            before, after = build_prompt(
+            segments = build_prompt(
                 query,
                 past_q,
                 past_a,
                 human_name=zc.human_name(self.config),
                 assistant_name=zc.assistant_name(self.config),
                 prompt_prefix=zc.prompt_prefix(self.config),
+                layout=layout,
             )
-            befores.append(before)
-            afters.append(after)
-        # bos is added by hand (not add_special_tokens) so no tokenizer ever appends eos here.
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        before_ids = [bos + ids for ids in _token_ids(tokenizer, befores)]
-        after_ids = _token_ids(tokenizer, afters)
-        lengths = [len(b) + n_query + len(a) for b, a in zip(before_ids, after_ids, strict=True)]
-        total = max(lengths)
-        pad = _pad_id(tokenizer)
-        ids = torch.full((n_rows, total), pad, dtype=torch.long)
-        is_image = torch.zeros((n_rows, total), dtype=torch.bool)
-        attention = torch.zeros((n_rows, total), dtype=torch.long)
-        for row, (b, a, length) in enumerate(zip(before_ids, after_ids, lengths, strict=True)):
-            start = total - length
-            image_start = start + len(b)
-            ids[row, start:image_start] = torch.tensor(b, dtype=torch.long)
-            ids[row, image_start + n_query :] = torch.tensor(a, dtype=torch.long)
+            if answers is not None:
+                segments = [*segments[:-1], segments[-1] + answers[row], EOS]
+            prompts.append(segments)
+        return segments_to_ids(tokenizer, prompts)
+
+    def _embed_rows(
+        self,
+        rows: Sequence[PromptIds],
+        image_embeds: torch.Tensor,
+        image_index: Sequence[int],
+        pad_id: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded embeddings `[pads | ids before image | image | ids after]` per row.
+
+        image_embeds [n_images, n_query, H]; returns inputs_embeds [B, L, H] and attention_mask
+        [B, L] (0 on pads). The image embeddings are scattered into place in one op.
+        """
+        n_images, n_query, _ = image_embeds.shape
+        if len(image_index) != len(rows):
+            raise ValueError(
+                f"image_index needs one entry per row, got {len(image_index)} for {len(rows)}"
+            )
+        bad = [i for i in image_index if not 0 <= i < n_images]
+        if bad:
+            raise ValueError(f"image_index {bad} out of range for {n_images} images")
+        total = max(len(r.ids) + n_query for r in rows)
+        ids = torch.full((len(rows), total), pad_id, dtype=torch.long)
+        is_image = torch.zeros((len(rows), total), dtype=torch.bool)
+        attention = torch.zeros((len(rows), total), dtype=torch.long)
+        for row, r in enumerate(rows):
+            start = total - len(r.ids) - n_query
+            image_start = start + r.image_at
+            ids[row, start:image_start] = torch.tensor(r.ids[: r.image_at], dtype=torch.long)
+            ids[row, image_start + n_query :] = torch.tensor(r.ids[r.image_at :], dtype=torch.long)
             is_image[row, image_start : image_start + n_query] = True
             attention[row, start:] = 1
         device = self.lm_device
@@ -323,6 +346,20 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
         embeds = embeds.masked_scatter(is_image.to(device).unsqueeze(-1), rows_images)
         return embeds, attention.to(device, non_blocking=True)
 
+    def build_inputs(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        queries: Sequence[str],
+        image_embeds: torch.Tensor,
+        image_index: Sequence[int],
+        histories: Sequence[History | None] | None = None,
+        layout: PromptLayout | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt embeddings and attention mask for a batch of rows (see
+        `prompt_ids` for the tokens and `_embed_rows` for the shapes)."""
+        rows = self.prompt_ids(tokenizer, queries, histories, layout)
+        return self._embed_rows(rows, image_embeds, image_index, _pad_id(tokenizer))
+
     @torch.inference_mode()
     def answer_batch(
         self,
@@ -332,13 +369,16 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
         image_index: Sequence[int] | None = None,
         histories: Sequence[History | None] | None = None,
         generation: GenerationSettings | None = None,
+        layout: PromptLayout | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> list[Answer]:
         """Answer a batch of rows with one `generate` call.
 
         queries: one question per row; image_embeds: [n_images, n_query, H] from
         `encode_images`; image_index[row] picks the row's image (several rows may share one, so
-        each image is encoded once); histories[row] = (past queries, past answers) or None.
-        Under greedy decoding the answers equal those of `chat()` row by row.
+        each image is encoded once); histories[row] = (past queries, past answers), oldest
+        first, or None. `extra`: further `GenerationConfig` keys. Under greedy decoding and
+        beam search the answers equal those of `chat()` row by row.
         """
         generation = generation or GenerationSettings()
         if not queries:
@@ -350,23 +390,94 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
                     f"{image_embeds.shape[0]} images for {len(queries)} rows"
                 )
             image_index = range(len(queries))
+        config = generation.generation_config(tokenizer, extra)
+        processors = LogitsProcessorList()
+        if config.repetition_penalty not in (None, 1.0):
+            processors.append(_RepetitionPenalty(config.repetition_penalty))
+            config.repetition_penalty = 1.0  # applied above, not by transformers (see there)
         inputs_embeds, attention_mask = self.build_inputs(
-            tokenizer, queries, image_embeds, image_index, histories
+            tokenizer, queries, image_embeds, list(image_index), histories, layout
         )
-        new_tokens = self.language_model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            generation_config=generation.generation_config(tokenizer),
-        )
-        counts = _count_generated(new_tokens, tokenizer.eos_token_id).tolist()
+        # step 5: decode. Greedy/sampling record each chosen token's log-prob on the way; beam
+        # search returns each beam's length-normalized score.
+        if config.num_beams > 1:
+            config.return_dict_in_generate = config.output_scores = True
+            out = self.language_model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=processors,
+            )
+            new_tokens = out.sequences
+            counts = _count_generated(new_tokens, tokenizer.eos_token_id)
+            # sequences_scores = sum / length**length_penalty -> back to a mean per token.
+            lengths = counts.to(out.sequences_scores.device).float().clamp(min=1)
+            means = out.sequences_scores.float() * lengths**config.length_penalty / lengths
+        else:
+            recorder = _ChosenLogprobs()
+            new_tokens = self.language_model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([*processors, recorder]),
+            )
+            counts = _count_generated(new_tokens, tokenizer.eos_token_id)
+            per_token = recorder.per_token(new_tokens)
+            steps = torch.arange(per_token.shape[1], device=per_token.device)
+            valid = steps.unsqueeze(0) < counts.to(per_token.device).unsqueeze(1)
+            means = (per_token * valid).sum(1) / valid.sum(1).clamp(min=1)
         rows = new_tokens.cpu().tolist()
         return [
             Answer(
                 text=tokenizer.decode(row[:count], skip_special_tokens=True).strip(),
                 num_tokens=int(count),
+                mean_logprob=float(mean),
             )
-            for row, count in zip(rows, counts, strict=True)
+            for row, count, mean in zip(rows, counts.tolist(), means.tolist(), strict=True)
         ]
+
+    @torch.inference_mode()
+    def score_answers(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        queries: Sequence[str],
+        answers: Sequence[str],
+        image_embeds: torch.Tensor,
+        image_index: Sequence[int] | None = None,
+        histories: Sequence[History | None] | None = None,
+        layout: PromptLayout | None = None,
+    ) -> list[float]:
+        """Mean log-likelihood per token of each given answer (its text, then eos) after its
+        prompt: how much the model agrees with a reference answer under `layout`.
+
+        Teacher-forced, one forward pass for the batch; what `python -m ziya_model.probe`
+        compares across layouts.
+        """
+        image_index = list(image_index) if image_index is not None else list(range(len(queries)))
+        prompts = self.prompt_ids(tokenizer, queries, histories, layout)
+        full = self.prompt_ids(tokenizer, queries, histories, layout, answers=answers)
+        embeds, attention = self._embed_rows(full, image_embeds, image_index, _pad_id(tokenizer))
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = self.language_model(
+            inputs_embeds=embeds, attention_mask=attention, position_ids=positions
+        ).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        n_query = image_embeds.shape[1]
+        total = embeds.shape[1]
+        scores = []
+        for row, (p, f) in enumerate(zip(prompts, full, strict=True)):
+            # The answer starts where the two token lists part (":" may merge with its text).
+            start = next(
+                (k for k, (a, b) in enumerate(zip(p.ids, f.ids, strict=False)) if a != b),
+                min(len(p.ids), len(f.ids)),
+            )
+            offset = total - len(f.ids) - n_query  # left pads
+            targets = torch.tensor(f.ids[start:], device=logprobs.device)
+            # Token k sits at offset + k (+ n_query after the image); logits at p predict p + 1.
+            at = torch.arange(start, len(f.ids), device=logprobs.device)
+            at = offset + at + n_query * (at >= f.image_at) - 1
+            scores.append(float(logprobs[row, at, targets].mean()))
+        return scores
 
     def chat(
         self,
@@ -375,30 +486,21 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
         query: str,
         previous_querys: Sequence[str] = (),
         previous_outputs: Sequence[str] = (),
-        max_new_tokens: int = 128,
-        top_p: float = 0.1,
-        temperature: float = 0.7,
-        repetition_penalty: float = 1.0,
-        do_sample: bool = False,
-        min_new_tokens: int = 0,
+        **generate_config: Any,
     ) -> str:
-        """The seed's API: answer `query` about one image given the earlier turns.
+        """The seed's API: answer `query` about one image given the earlier turns (oldest first).
 
-        pixel_values: [1, 3, S, S] or [3, S, S]. Greedy unless `do_sample=True` (the public
-        demo passed temperature/top_p without sampling, so they had no effect there).
+        pixel_values: [1, 3, S, S] or [3, S, S]. `generate_config` takes `GenerationSettings`
+        fields and any other `GenerationConfig` key, as the release handed them to `generate`
+        (`num_beams=3`, `top_k=...`); an unknown key is an error. Greedy unless
+        `do_sample=True` (the public demo passed temperature/top_p without sampling, so they had
+        no effect there).
         """
+        settings, extra = GenerationSettings.split(generate_config)
         if pixel_values.dim() == 3:
             pixel_values = pixel_values.unsqueeze(0)
         if pixel_values.shape[0] != 1:
             raise ValueError(f"chat() takes one image, got {pixel_values.shape[0]}")
-        settings = GenerationSettings(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-        )
         image_embeds = self.encode_images(pixel_values)
         answer = self.answer_batch(
             tokenizer,
@@ -407,8 +509,13 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
             image_index=[0],
             histories=[(list(previous_querys), list(previous_outputs))],
             generation=settings,
+            extra=extra,
         )[0]
         return answer.text
+
+
+# The name an early release README used; the seed's code imports it.
+ZiyaBLIP2ForConditionalGeneration = ZiyaBlip2ForCausalLM
 
 
 class _LanguageModelPlaceholder(nn.Module):
@@ -420,12 +527,6 @@ class _LanguageModelPlaceholder(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module | None:
         return None
-
-
-def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    if not any(texts):
-        return [[] for _ in texts]
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _count_generated(new_tokens: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:

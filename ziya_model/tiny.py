@@ -7,9 +7,11 @@ Writes, in a few seconds on a CPU:
                      model.safetensors or pytorch_model.bin (vision, Q-Former, projection,
                      query tokens; no language-model keys), weights.sha256
     OUT_DIR/llm/     config.json (model_type: llama), model.safetensors, generation_config.json,
-                     a byte-level BPE tokenizer trained offline on a small bilingual text with
-                     `<human>` and `<bot>` as added tokens (pad 0, bos 1, eos 2 like Ziya),
-                     weights.sha256
+                     the tokenizer in Ziya-LLaMA's own files: a SentencePiece `tokenizer.model`
+                     trained offline with LLaMA's settings on a small bilingual text,
+                     `tokenizer_config.json` (no `legacy` key, as Ziya's), `special_tokens_map.json`
+                     and `added_tokens.json` with `<human>`, `<bot>` right after the SentencePiece
+                     vocabulary (unk 0, bos 1, eos 2, pad = unk like Ziya), weights.sha256
 Tests and the demo load it through the same code path as the real weights. Its answers are
 meaningless text. Deterministic given the seed.
 """
@@ -17,18 +19,19 @@ meaningless text. Deterministic given the seed.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from .configuration import ziya_config
 from .loading import write_weights_manifest
 from .modeling import ZiyaBlip2ForCausalLM
+from .tokenization import load_tokenizer
 
 # Trained into the tiny tokenizer so English and Chinese questions give short token sequences.
 _CORPUS = """\
@@ -40,11 +43,15 @@ Please answer the question about the image. Is there a dog? Where was this photo
 这张图片里有什么？请详细描述这张图片。图中有几个人？汽车是什么颜色的？
 一只猫坐在沙发上。桌子上有一杯咖啡。火箭在发射台上。宇航员站在旗子前面。
 这是在哪里拍的照片？天空是蓝色的。请回答关于图片的问题。图片中有狗吗？
+请用中文和英文各写一句话描述这张图片。Describe this image in one sentence.
+Question: what is it? Answer: a cat. Note: 2 cups; 3 dogs (yes/no).
+A gray cat with green eyes. A red and white rocket. An old film camera. 2 people, 3 cups, 10 stars.
+问：这是什么？答：一只猫。一只灰色的猫。一枚红白相间的火箭。一台旧相机。一位穿宇航服的女人。
 """
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: Ziya/LLaMA's pad(=unk), bos, eos
 ROLE_TOKENS = ["<human>", "<bot>"]  # added tokens, as in Ziya's added_tokens.json
-TOKENIZER_VOCAB = 512
+TOKENIZER_VOCAB = 1000  # an upper bound: the small corpus gives fewer pieces
 
 TINY_VISION = {
     "hidden_size": 32,
@@ -69,8 +76,9 @@ TINY_TEXT = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
+    # head_dim 32: vLLM's CPU attention rejects 16 (head_dim must be 32, 64, 80, ...)
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
     "max_position_embeddings": 2048,
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
@@ -88,34 +96,87 @@ class TinyCheckpoint:
     llm_dir: Path
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained offline on `_CORPUS` (no download, deterministic)."""
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+def train_sentencepiece() -> bytes:
+    """A SentencePiece model trained offline on `_CORPUS` with LLaMA's settings (deterministic).
+
+    BPE with byte fallback, identity normalization, whitespace kept as it is, a dummy prefix and
+    split digits, as LLaMA's `tokenizer.model`: with SentencePiece's defaults newlines would be
+    dropped and a comparison with the release's tokenization would mean nothing.
+    """
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS.splitlines() * 2),
+        model_writer=model,
+        model_type="bpe",
         vocab_size=TOKENIZER_VOCAB,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
     )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
-    # LLaMA-style: bos before every sequence when add_special_tokens=True, never eos.
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<unk>",
-        padding_side="left",
-    )
-    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in ROLE_TOKENS])
-    ids = [fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
-    assert ids == [0, 1, 2], f"expected <unk>, <s>, </s> at ids 0, 1, 2, got {ids}"
-    return fast
+    return model.getvalue()
+
+
+def _added(content: str) -> dict:
+    # How Ziya-LLaMA's tokenizer_config.json spells its special tokens (transformers 4.28 era).
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    }
+
+
+def write_tiny_tokenizer(llm_dir: str | Path) -> int:
+    """Write the tokenizer files in Ziya-LLaMA's layout; returns the vocabulary size."""
+    import sentencepiece as spm
+
+    llm_dir = Path(llm_dir)
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    proto = train_sentencepiece()
+    (llm_dir / "tokenizer.model").write_bytes(proto)
+    n_pieces = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
+    added = {tok: n_pieces + i for i, tok in enumerate(ROLE_TOKENS)}
+    files = {
+        "added_tokens.json": added,
+        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        "tokenizer_config.json": {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": _added("<s>"),
+            "clean_up_tokenization_spaces": False,
+            "eos_token": _added("</s>"),
+            "model_max_length": 2048,
+            "pad_token": None,
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+            "unk_token": _added("<unk>"),
+        },
+    }
+    for name, content in files.items():
+        (llm_dir / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    return n_pieces + len(ROLE_TOKENS)
+
+
+def build_tiny_tokenizer():
+    """The tiny tokenizer, loaded as the real one is (for benchmarks that need no checkpoint)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(tmp)
+        return load_tokenizer(tmp, pad_token_id=0)
 
 
 def write_tiny_checkpoint(
@@ -129,11 +190,11 @@ def write_tiny_checkpoint(
     visual_dir.mkdir(parents=True, exist_ok=True)
     llm_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tiny_tokenizer()
+    vocab_size = write_tiny_tokenizer(llm_dir)
     config = ziya_config(
         vision_config=TINY_VISION,
         qformer_config=TINY_QFORMER,
-        text_config={**TINY_TEXT, "vocab_size": len(tokenizer)},
+        text_config={**TINY_TEXT, "vocab_size": vocab_size},
     )
     torch.manual_seed(seed)
     model = ZiyaBlip2ForCausalLM(config).eval()
@@ -154,7 +215,6 @@ def write_tiny_checkpoint(
     write_weights_manifest(visual_dir)
 
     model.language_model.save_pretrained(llm_dir)
-    tokenizer.save_pretrained(llm_dir)
     write_weights_manifest(llm_dir)
     return TinyCheckpoint(visual_dir=visual_dir, llm_dir=llm_dir)
 

@@ -3,7 +3,7 @@
 Input columns:  shard, row, id, pixels, questions, question_errors, history_queries,
                 history_answers, image_identity, row_keys, status, error
 Output columns: shard, row, id, question_index, question, answer, status, error, num_tokens,
-                latency_s, row_key, image_identity — one row per question
+                mean_logprob, latency_s, row_key, image_identity — one row per question
 
 Each image goes through the vision encoder and Q-Former once; all its questions reuse the
 projected embeddings. Prompts are sorted by length before they are cut into generate batches
@@ -58,6 +58,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("num_tokens", pa.int32()),
+        ("mean_logprob", pa.float32()),  # answer confidence (model-relative), null if no answer
         ("latency_s", pa.float32()),
         ("row_key", pa.string()),
         ("image_identity", pa.string()),
@@ -218,7 +219,7 @@ class InferStage:
             for qi, (q, problem) in enumerate(
                 zip(r["questions"], r["question_errors"], strict=True)
             ):
-                status, error, answer, ntok = r["status"], r["error"], None, 0
+                status, error, answer, ntok, logprob = r["status"], r["error"], None, 0, None
                 if status == OK and problem is not None:
                     status, error = INVALID_QUESTION, problem
                 elif (i, qi) in answers:
@@ -228,6 +229,7 @@ class InferStage:
                     else:
                         # A decoder can emit a lone surrogate; Arrow would fail the whole batch.
                         answer, ntok = fix_surrogates(a.text), a.num_tokens
+                        logprob = a.mean_logprob
                 out.append(
                     {
                         "shard": r["shard"],
@@ -239,6 +241,7 @@ class InferStage:
                         "status": status,
                         "error": error,
                         "num_tokens": ntok,
+                        "mean_logprob": logprob,
                         "latency_s": latency,
                         "row_key": r["row_keys"][qi] if r["row_keys"] else None,
                         "image_identity": r["image_identity"],
