@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -305,6 +306,26 @@ def _consume(
             close()
 
 
+def _run_pass(
+    ctx: Context,
+    make_plan: Callable[[], Any],
+    committer: ShardCommitter,
+    progress: Callable[[Any, int, float], None] | None,
+    rows_total: int,
+    t0: float,
+) -> None:
+    """One pass over a plan, with a roster of its own: the pass's model actors are stopped when
+    it ends, however it ends (see roster.py); left to Ray Data they can outlive the pass and hold
+    the GPUs the next one needs. A fresh roster per pass: should one be lost with its node, the
+    next pass does not depend on it."""
+    ctx.roster = ActorRoster.start()
+    try:
+        _consume(make_plan(), committer, progress, rows_total, t0)
+    finally:
+        ctx.roster.close()
+        ctx.roster = None
+
+
 def _isolation_plan(ctx: Context, lost: dict[str, list[int]]) -> Any:
     """The lost rows again, each alone in its block, its model batch and on its actor."""
     import ray
@@ -414,25 +435,18 @@ def run(
         ]
         shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
         rows_total = sum(s.num_rows for s in todo)
-        # Each pass's model actors are stopped when it ends, however it ends (see roster.py):
-        # left to Ray Data they can outlive the pass and hold the GPUs the next one needs.
-        ctx.roster = ActorRoster.start()
-        try:
-            _consume(build(shards_ds, ctx), committer, progress, rows_total, t0)
-            ctx.roster.stop_actors()
-            lost = committer.missing()
-            if lost:
-                # Their batches crashed the model worker on every retry and Ray Data dropped
-                # them. Retry those rows one per batch, so only a row at fault itself fails.
-                log.warning(
-                    "%d rows were in batches that crashed their worker on every retry; "
-                    "retrying them one row per batch",
-                    sum(map(len, lost.values())),
-                )
-                _consume(_isolation_plan(ctx, lost), committer, progress, rows_total, t0)
-        finally:
-            ctx.roster.close()
-            ctx.roster = None
+        _run_pass(ctx, partial(build, shards_ds, ctx), committer, progress, rows_total, t0)
+        lost = committer.missing()
+        if lost:
+            # Their batches crashed (or hung) the model worker on every retry and Ray Data
+            # dropped them. Retry those rows one per batch, so only a row at fault itself fails.
+            log.warning(
+                "%d rows were in batches that crashed their worker on every retry; "
+                "retrying them one row per batch",
+                sum(map(len, lost.values())),
+            )
+            retry = partial(_isolation_plan, ctx, lost)
+            _run_pass(ctx, retry, committer, progress, rows_total, t0)
     filled = committer.finish()
     tally = committer.tally
     summary = Summary(

@@ -15,7 +15,15 @@ a pass ends, whatever happened in it:
     roster = ActorRoster.start()      # driver, before building the plan
     ... InferStage(..., roster=roster) registers each actor in its __init__ ...
     roster.stop_actors()              # driver, after the pass: every registered actor is killed
-    roster.close()                    # driver, at the end of the run
+    roster.close()                    # driver, at the end of the pass
+
+The roster is bookkeeping, never a reason for a job to fail. It is a zero-CPU actor pinned to
+the driver's node: a lost worker node (spot preemption) cannot take it along, and when the
+driver's own node is lost the job is lost with it anyway. Should it still be gone (its node
+lost, a cluster that placed it elsewhere), a model actor starts without registering, and
+stopping a pass logs what it could not stop: Ray Data still drops its own references, so such
+an actor is only at risk of the leak described above. Stopping tolerates actors, and nodes,
+that are already gone.
 """
 
 from __future__ import annotations
@@ -24,6 +32,11 @@ import logging
 from typing import Any
 
 log = logging.getLogger("ziya_batch")
+
+# How long a call to the roster may take. It is a zero-CPU actor on the driver's node answering
+# dictionary operations: a call that takes longer means it is unreachable (its node is being
+# lost), and waiting on would only stall a model actor's start or the end of a pass.
+ROSTER_CALL_TIMEOUT_S = 60.0
 
 
 class _Roster:
@@ -41,6 +54,15 @@ class _Roster:
         return actors
 
 
+def _roster_errors() -> tuple[type[BaseException], ...]:
+    """What a call to a roster that is gone, or going, raises."""
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    # RayActorError covers ActorDiedError (its node was lost) and ActorUnavailableError (its
+    # node is unreachable, not yet known dead).
+    return (RayActorError, GetTimeoutError)
+
+
 class ActorRoster:
     """Driver-side handle on a `_Roster` actor; picklable, so model actors can register."""
 
@@ -48,27 +70,52 @@ class ActorRoster:
         self._actor = actor
 
     @classmethod
-    def start(cls) -> ActorRoster:
+    def start(cls, node_id: str | None = None) -> ActorRoster:
+        """Start a roster on `node_id`, by default the driver's own node (hard affinity: it is
+        never placed on, or moved to, a node whose loss the job must survive)."""
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        remote = ray.remote(num_cpus=0, max_restarts=0)(_Roster)
+        node_id = node_id or ray.get_runtime_context().get_node_id()
+        remote = ray.remote(
+            num_cpus=0,
+            max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )(_Roster)
         return cls(remote.remote())
 
     def register_current_actor(self) -> None:
         """Called in a model actor's constructor. Waits for the roster, so an actor is on the
-        roster before Ray Data sees it ready and gives it work."""
+        roster before Ray Data sees it ready and gives it work. A roster that is gone is logged,
+        not raised: the actor must still start (a restarted actor re-registers, and its pass may
+        be half done)."""
         import ray
 
         context = ray.get_runtime_context()
-        ray.get(self._actor.add.remote(context.get_actor_id(), context.current_actor))
+        try:
+            ray.get(
+                self._actor.add.remote(context.get_actor_id(), context.current_actor),
+                timeout=ROSTER_CALL_TIMEOUT_S,
+            )
+        except _roster_errors() as err:
+            log.warning("model actor starts unregistered: its pass's roster is gone (%s)", err)
 
     def stop_actors(self) -> int:
-        """Kill every actor registered so far (without restart); returns how many."""
+        """Kill every actor registered so far (without restart); returns how many were asked to
+        stop. Never raises: actors already dead, or on a lost node, need no stopping, and a roster
+        that is gone is logged (its actors are left to Ray Data)."""
         import ray
 
-        actors = ray.get(self._actor.drain.remote())
+        try:
+            actors = ray.get(self._actor.drain.remote(), timeout=ROSTER_CALL_TIMEOUT_S)
+        except _roster_errors() as err:
+            log.warning("could not reach the roster to stop this pass's model actors: %s", err)
+            return 0
         for actor in actors:
-            ray.kill(actor, no_restart=True)  # a no-op for an actor that is already dead
+            try:
+                ray.kill(actor, no_restart=True)  # a no-op for an actor that is already dead
+            except Exception as err:  # an actor whose node is gone cannot hold resources either
+                log.info("model actor already gone: %s", err)
         return len(actors)
 
     def close(self) -> None:
@@ -79,5 +126,5 @@ class ActorRoster:
         try:
             self.stop_actors()
             ray.kill(self._actor, no_restart=True)
-        except Exception as err:  # e.g. the roster's node was lost
-            log.warning("could not stop the model actors of this pass: %s", err)
+        except Exception as err:
+            log.warning("could not stop the roster of this pass: %s", err)
