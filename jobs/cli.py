@@ -55,13 +55,25 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="report.html", help="HTML file to write")
     p.add_argument("--sample", type=int, default=200, help="rows shown in the gallery")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// output")
+    p.add_argument(
+        "--least-confident",
+        type=int,
+        default=24,
+        help="also list this many ok answers of lowest confidence in the whole run (0 = none)",
+    )
     p.set_defaults(func=_report)
 
 
 def _report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
-    path = write_report(args.output, args.out, sample=args.sample, endpoint_url=args.endpoint_url)
+    path = write_report(
+        args.output,
+        args.out,
+        sample=args.sample,
+        endpoint_url=args.endpoint_url,
+        least_confident=args.least_confident,
+    )
     print(f"report written to {path}")
     return 0
 

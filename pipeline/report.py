@@ -20,6 +20,7 @@ import heapq
 import html
 import io
 import json
+import math
 import re
 import zlib
 from collections import Counter, deque
@@ -42,8 +43,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Output columns every shard has (pipeline/writer.py); anything else is a manifest pass-through
 # column, shown under each gallery item.
 CORE_COLUMNS = ("id", "task", "question_index", "question", "answer", "status", "error",
-                "num_tokens", "latency_s", "model", "generation", "row_key", "image_identity",
-                "manifest_row")  # fmt: skip
+                "num_tokens", "mean_logprob", "latency_s", "model", "generation", "row_key",
+                "image_identity", "manifest_row")  # fmt: skip
+# `least_confident`: the least confident answers of the whole run get their own section (a random
+# sample of a million rows would rarely show the doubtful ones): the point of a confidence column.
 MAX_FAILED_LISTED = 1000
 THUMB_PX = 160
 MAX_THUMB_SOURCE_BYTES = 64 * 1024 * 1024  # a bigger object is not worth decoding for a thumbnail
@@ -70,6 +73,7 @@ class RunData:
     failed: list[dict[str, Any]] = field(default_factory=list)
     failed_total: int = 0
     sample: list[dict[str, Any]] = field(default_factory=list)
+    doubtful: list[dict[str, Any]] = field(default_factory=list)  # least confident, ascending
     extra_columns: list[str] = field(default_factory=list)
     model: str | None = None
     task: str | None = None
@@ -144,13 +148,18 @@ def _read_shards(fs: Any, root: str, shards: list[str], window: int = 8) -> Iter
 
 
 def load_run(
-    output_uri: str, sample: int, endpoint_url: str | None = None, seed: int = 0
+    output_uri: str,
+    sample: int,
+    endpoint_url: str | None = None,
+    seed: int = 0,
+    least_confident: int = 0,
 ) -> RunData:
     """Read every committed shard once, keeping counts, distributions and a bounded sample.
 
     The sample is bottom-k by a per-row random key seeded from (seed, shard id), kept
     separately for failed and ok rows, so it is deterministic, independent of shard order,
-    and needs memory for `sample` rows only.
+    and needs memory for `sample` rows only. The `least_confident` ok rows of lowest
+    `mean_logprob` in the whole run are kept the same way (bottom-k, streaming).
     """
     fs, root = fsspec.core.url_to_fs(output_uri, **_storage_options(output_uri, endpoint_url))
     root, note = _run_root(fs, root.rstrip("/"))
@@ -164,6 +173,7 @@ def load_run(
     if note:
         run.warnings.append(note)
     best: dict[bool, list[tuple[float, int, int, dict]]] = {True: [], False: []}
+    lowest: list[tuple[float, int, int, dict]] = []  # least confident ok answers, bottom-k
     for si, (shard, got) in enumerate(zip(shards, _read_shards(fs, root, shards), strict=True)):
         if isinstance(got, Exception):
             run.warnings.append(f"shard {shard} unreadable, skipped: {type(got).__name__}: {got}")
@@ -203,6 +213,13 @@ def load_run(
         room = MAX_FAILED_LISTED - len(run.failed)
         if room > 0 and len(failed_idx):
             run.failed.extend(table.take(failed_idx[:room]).to_pylist())
+        if "mean_logprob" in table.column_names and least_confident:
+            lp = pc.fill_null(table.column("mean_logprob"), np.nan).to_numpy(zero_copy_only=False)
+            idx = np.flatnonzero(ok & ~np.isnan(lp))
+            idx = idx[np.argsort(lp[idx], kind="stable")[:least_confident]]
+            rows = table.take(idx).to_pylist() if len(idx) else []
+            cand = [(float(lp[i]), si, int(i), r) for i, r in zip(idx, rows, strict=True)]
+            lowest = heapq.nsmallest(least_confident, lowest + cand, key=lambda t: t[:3])
         keys = np.random.default_rng([seed, zlib.crc32(shard.encode())]).random(n)
         for is_ok in (True, False):
             idx = np.flatnonzero(ok == is_ok)
@@ -215,6 +232,7 @@ def load_run(
     n_failed = min(len(best[False]), max(sample // 2, sample - len(best[True])))
     chosen = best[False][:n_failed] + best[True][: sample - n_failed]
     run.sample = [r for *_, r in sorted(chosen, key=lambda t: (t[1], t[2]))]
+    run.doubtful = [r for *_, r in lowest]
     return run
 
 
@@ -365,21 +383,26 @@ def thumbnail(uri: str | None, endpoint_url: str | None = None) -> tuple[str | N
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode(), ""
 
 
-def gallery(run: RunData, endpoint_url: str | None = None) -> str:
-    """One <article> per sampled row: thumbnail, id, question, answer, status, error, extras."""
+def gallery(
+    run: RunData, endpoint_url: str | None = None, rows: list[dict[str, Any]] | None = None
+) -> str:
+    """One <article> per row (the sample unless `rows`): thumbnail, id, question, answer,
+    confidence, status, error, extras."""
+    doubtful = rows is not None  # the least-confident section: its own class, not a sample item
+    rows = run.sample if rows is None else rows
     # Only images the run itself read (past its allowed-locations check) are read again: a
     # manifest can name any path, and the report must not embed what the job was refused.
     uris = sorted(
         {
             r["image"]
-            for r in run.sample
+            for r in rows
             if isinstance(r.get("image"), str) and r.get("status") in THUMB_STATUSES
         }
     )
     with ThreadPoolExecutor(max_workers=8) as pool:  # object storage reads are latency-bound
         thumbs = dict(zip(uris, pool.map(lambda u: thumbnail(u, endpoint_url), uris), strict=True))
     items = []
-    for r in run.sample:
+    for r in rows:
         why_not = "no image URI" if not r.get("image") else "not read by the run"
         src, why = thumbs.get(r.get("image"), (None, why_not))
         img = (f'<img src="{src}" alt="">' if src else
@@ -391,12 +414,19 @@ def gallery(run: RunData, endpoint_url: str | None = None) -> str:
             if r.get(c) not in (None, "", [])
         )
         err = f'<p class="error">{_esc(r.get("error"))}</p>' if r.get("error") else ""
+        lp = r.get("mean_logprob")
+        conf, lp_attr = "", ""
+        if isinstance(lp, (int, float)) and math.isfinite(lp):
+            lp_attr = f' data-logprob="{lp:.4f}"'
+            conf = (f'<p class="confidence" title="mean token log-probability of the answer '
+                    f'(model-relative, not a calibrated probability)">confidence {lp:.3f} '
+                    f'<span class="muted">({_esc(r.get("num_tokens"))} tokens)</span></p>')  # fmt: skip
         items.append(
-            f'<article class="item {"ok" if status == "ok" else "bad"}" data-status="{_esc(status)}">'
+            f'<article class="{"lowconf" if doubtful else "item"} {"ok" if status == "ok" else "bad"}" data-status="{_esc(status)}"{lp_attr}>'
             f'{img}<div class="body"><p class="meta"><span class="status">{_esc(status)}</span> '
-            f'<span class="id">{_esc(r.get("id"))}</span>{_qlabel(r)}</p>'
+            f'<span class="{"lcid" if doubtful else "id"}">{_esc(r.get("id"))}</span>{_qlabel(r)}</p>'
             f'<p class="question">{_esc(r.get("question"))}</p>'
-            f'<p class="answer">{_esc(r.get("answer"))}</p>{err}<dl>{extras}</dl></div></article>'
+            f'<p class="answer">{_esc(r.get("answer"))}</p>{conf}{err}<dl>{extras}</dl></div></article>'
         )
     return "\n".join(items)
 
@@ -473,6 +503,10 @@ def render(run: RunData, endpoint_url: str | None = None) -> str:
         "charts": charts,
         "filters": buttons,
         "sample_size": f"{len(run.sample):,} of {run.rows:,}",
+        "doubtful": gallery(run, endpoint_url, run.doubtful)
+        if run.doubtful
+        else '<p class="muted">none listed (no answer confidence in this output, or the '
+        "report was written with least_confident=0)</p>",
         "gallery": gallery(run, endpoint_url),
         "failed": failed_table(run),
         "data": _script_json({"sample": len(run.sample), "statuses": dict(sample_statuses)}),
@@ -488,9 +522,20 @@ def write_report(
     sample: int = 200,
     endpoint_url: str | None = None,
     seed: int = 0,
+    least_confident: int = 0,
 ) -> str:
-    """Write the HTML report of the run at `output_uri` to the local file `out_path`."""
-    run = load_run(output_uri, max(0, sample), endpoint_url=endpoint_url, seed=seed)
+    """Write the HTML report of the run at `output_uri` to the local file `out_path`.
+
+    `least_confident` > 0 adds a section with that many ok answers of lowest confidence in the
+    whole run (the CLI shows 24), beside the random gallery sample.
+    """
+    run = load_run(
+        output_uri,
+        max(0, sample),
+        endpoint_url=endpoint_url,
+        seed=seed,
+        least_confident=max(0, least_confident),
+    )
     page = render(run, endpoint_url)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -187,3 +187,19 @@ def test_incremental_output_reports_latest_run(tmp_path: Path):
     assert "incremental output with 2 runs: this report shows the latest, bbb" in text
     assert len(page.items()) == 12 == len(older.rows) // 2  # bbb's second shard only
     assert "finished: 1 shards committed" in text
+
+
+def test_least_confident_answers_of_the_whole_run(layout: Layout, tmp_path: Path):
+    """The lowest-confidence ok answers are found across every shard (not only in the random
+    sample), lowest first, each with its confidence shown and a data-logprob to sort by."""
+    ok = [r for r in layout.rows if r["status"] == "ok" and r["id"] not in layout.uncommitted_ids]
+    want = sorted(ok, key=lambda r: (r["mean_logprob"], r["id"]))[:3]
+    run = load_run(str(layout.out), sample=2, least_confident=3)
+    assert [r["id"] for r in run.doubtful] == [r["id"] for r in want]
+    text, page = _report(str(layout.out), tmp_path, sample=2, least_confident=3)
+    low = [a for t, a in page.elements if t == "article" and "lowconf" in (a.get("class") or "")]
+    assert [float(a["data-logprob"]) for a in low] == pytest.approx(
+        [r["mean_logprob"] for r in want], abs=1e-4
+    )
+    assert len(page.items()) == 2  # the sample itself is unchanged
+    assert 'id="sort"' in text and 'id="max-logprob"' in text and "confidence -" in text
