@@ -11,9 +11,11 @@ checks) holding exactly the released attributes, so the released `pytorch_model.
     language_model       LlamaForCausalLM, passed in from outside (merged Ziya-LLaMA-13B)
 
 transformers 5.x's `Blip2ForConditionalGeneration` only scatters image features into
-`image_token_index` placeholders; Ziya has none, so this class concatenates embeddings itself
-(`[left pads | prefix text | image | turns text]`) and calls
-`language_model.generate(inputs_embeds=..., attention_mask=...)`, which returns new tokens only.
+`image_token_index` placeholders; Ziya has none, so this class places the image embeddings
+itself, where the prompt layout puts them (`ziya_model.prompt`: by default
+`[left pads | image | bos prefix turns]`), with the release's token ids
+(`ziya_model.tokenization`), and calls `language_model.generate(inputs_embeds=...,
+attention_mask=...)`, which returns new tokens only.
 """
 
 from collections.abc import Sequence
