@@ -19,8 +19,8 @@ so a mixed pair would silently lose one half; a `.bin` directory gets a message 
 convert it. `generation_config.json` is left out on purpose: vLLM would otherwise take its
 sampling defaults from it, and the job's generation settings are the only ones that apply.
 
-The directory's name is a hash of its inputs (both config files, the weight files' names and
-sizes), so rebuilding for the same model is a no-op and a changed model gets a new directory.
+The directory's name is a hash of its inputs (both directories' paths and config files, the
+weight files' names and sizes), so rebuilding for the same model is a no-op and a changed model gets a new directory.
 This module imports neither vLLM nor torch: the driver and tests can call it anywhere.
 """
 
@@ -85,9 +85,11 @@ def _placeholder_id(llm_config: dict) -> int:
 
 
 def model_dir_key(visual_dir: Path, llm_dir: Path) -> str:
-    """Hash of what the directory is built from (configs, weight names and sizes)."""
+    """Hash of what the directory is built from (paths, configs, weight names and sizes)."""
     digest = hashlib.sha256(LAYOUT_VERSION.encode())
     for directory in (visual_dir, llm_dir):
+        # The links point into these directories, so they are part of the key.
+        digest.update(str(directory).encode() + b"\0")
         digest.update((directory / "config.json").read_bytes())
         for path in sorted(directory.glob("*.safetensors")):
             digest.update(f"{path.name}:{path.stat().st_size}".encode())
