@@ -55,6 +55,7 @@ class Context:
     done_keys: np.ndarray | None = None  # incremental: keys of rows already labeled
     loader: Callable[[], Any] | None = None
     roster: ActorRoster | None = None  # set by `run`: where model actors register, to be stopped
+    engine_board: Any = None  # model.engine=vllm: where the engines add up their figures
 
 
 def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
@@ -92,11 +93,13 @@ def prepare(job: JobConfig) -> Context:
     visual_cfg = read_visual_config(job)
     image_size = int((visual_cfg.get("vision_config") or {}).get("image_size", 224))
     prompt = job.task.caption_prompt if job.task.kind == "caption" else ""
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [job.task.kind, prompt, identity, job.generation.as_json(), job.preprocess.mode]
-        ).encode()
-    ).hexdigest()[:16]
+    key = [job.task.kind, prompt, identity, job.generation.as_json(), job.preprocess.mode]
+    if job.model.engine != "transformers":
+        # Another engine's answers are not reusable as the reference engine's (bf16 numerics
+        # differ); the transformers engine keeps the keys it always had.
+        identity = f"{identity}+{job.model.engine}"
+        key.append(job.model.engine)
+    fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     return Context(
         job=job,
         plan=manifest_plan,
@@ -166,10 +169,20 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
         # Ray 2.60 has no named parameter for max_task_retries; its generic ray_remote_args
         # path warns that it goes away in Ray 2.64.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        infer_stage, loader, in_flight = InferStage, ctx.loader, 2
+        if job.model.engine == "vllm":
+            # The same stage with vLLM in place of the transformers model (infer_vllm.py);
+            # several batches per actor at once keep the engine's running batch full.
+            from pipeline.stages.infer_vllm import EngineStatsBoard, VLLMInferStage, VLLMLoader
+
+            if ctx.engine_board is None:
+                ctx.engine_board = EngineStatsBoard.start()
+            infer_stage, in_flight = VLLMInferStage, job.model.vllm.batches_in_flight
+            loader = VLLMLoader(job, ctx.engine_board)
         return ds.map_batches(
-            InferStage,
+            infer_stage,
             fn_constructor_args=(
-                ctx.loader,
+                loader,
                 _generation(job),
                 res.batch_size,
                 job.preprocess.mode,
@@ -183,7 +196,7 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
             # per concurrent call), their blocks already fetched.
             compute=ray.data.ActorPoolStrategy(
                 size=res.actors,
-                max_concurrent_calls_per_actor=1 if isolate else 2,
+                max_concurrent_calls_per_actor=1 if isolate else in_flight,
                 max_tasks_in_flight_per_actor=1 if isolate else None,
                 enable_true_multi_threading=True,
             ),
@@ -216,6 +229,7 @@ class Summary:
     mode: str
     run_id: str | None = None
     filled_after_crash: list[str] = field(default_factory=list)
+    engine: dict | None = None  # model.engine=vllm: prefix-cache hit rate, busy fraction, ...
 
     @property
     def images_per_s(self) -> float:
@@ -466,6 +480,11 @@ def run(
         run_id=run_id,
         filled_after_crash=filled,
     )
+    if ctx.engine_board is not None:
+        import ray
+
+        board = ctx.engine_board.summary.remote(summary.wall_s, job.resources.actors)
+        summary.engine = ray.get(board, timeout=60)
     # The success marker and summary are written only when every shard is committed.
     final = layout.committed_shards(out_uri, storage)
     missing = [s.shard_id for s in ctx.plan.shards if s.shard_id not in final]

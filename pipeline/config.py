@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ziya_model.generation import GenerationSettings
 
@@ -61,6 +68,63 @@ class TaskConfig(_Strict):
     )
 
 
+# GPU memory a 14B replica needs, for the error messages below (bf16 weights ~28 GB, fp8 ~15 GB,
+# plus KV cache): one 80 GB or 48 GB GPU holds bf16, two 24 GB GPUs hold it with
+# tensor_parallel_size 2, one 24 GB GPU holds fp8 weights (Hopper/Ada).
+VLLM_QUANTIZATION = ("fp8",)
+
+
+class VLLMConfig(_Strict):
+    max_model_len: int | None = Field(
+        default=None,
+        ge=64,
+        description="Context length (prompt + answer); empty = the LLM's 2048. Smaller saves "
+        "KV-cache memory.",
+    )
+    max_num_seqs: int = Field(
+        default=256, ge=1, description="Sequences the engine decodes together."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.90, gt=0, le=1, description="Share of each GPU vLLM may use (weights + KV cache)."
+    )
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="GPUs one replica spans (2 fits the 14B model in bf16 on two 24 GB GPUs); "
+        "must equal resources.gpus_per_actor.",
+    )
+    quantization: Literal["fp8"] | None = Field(
+        default=None,
+        description="vLLM weight quantization: fp8 (Hopper/Ada GPUs; the 14B model in ~15 GB, "
+        "fits one 24 GB GPU). Empty = the dtype's weights.",
+    )
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV blocks of an image and its prompt prefix across its questions.",
+    )
+    enforce_eager: bool = Field(
+        default=False, description="No CUDA graphs (slower; for debugging and CPU tests)."
+    )
+    block_size: int | None = Field(
+        default=None, ge=1, description="KV block size; empty = vLLM's (CPU needs 32)."
+    )
+    cpu_kvcache_gib: int = Field(
+        default=4, ge=1, description="CPU runs only: KV cache size in GiB."
+    )
+    batches_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Ray Data batches each model actor works on at once; their prompts share "
+        "the engine's running batch, so it never drains between batches.",
+    )
+    multiprocessing: bool | None = Field(
+        default=None,
+        description="Run vLLM's engine core in its own process (empty = vLLM's default, on).",
+    )
+
+
 class ModelConfig(_Strict):
     visual: str = Field(
         description="Visual checkpoint directory (config.json + model.safetensors or "
@@ -76,6 +140,16 @@ class ModelConfig(_Strict):
     cache_dir: str = Field(
         default="/tmp/ziya-batch/models",
         description="Node-local directory where weights from object storage are cached.",
+    )
+    engine: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="transformers: the numerical reference, static batches (CPU default); vllm: "
+        "vLLM's engine (continuous batching, paged KV cache, prefix caching), what GPU "
+        "clusters run. Needs the vllm extra (pip install 'ziya-batch[vllm]').",
+    )
+    vllm: VLLMConfig = Field(
+        default_factory=lambda: VLLMConfig(),
+        description="Settings of the vLLM engine (engine: vllm only).",
     )
 
 
@@ -209,6 +283,30 @@ class JobConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _engine(self) -> JobConfig:
+        """vLLM options that cannot work together with the rest of the job, refused up front."""
+        m, res = self.model, self.resources
+        if m.engine != "vllm":
+            return self
+        if self.generation.num_beams > 1:
+            raise ValueError(
+                "model.engine=vllm has no beam search: set generation.num_beams=1 or use "
+                "model.engine=transformers"
+            )
+        tp = m.vllm.tensor_parallel_size
+        if tp > 1 and res.gpus_per_actor != tp:
+            raise ValueError(
+                f"model.vllm.tensor_parallel_size={tp} needs resources.gpus_per_actor={tp} "
+                f"(got {res.gpus_per_actor}): one replica spans that many GPUs"
+            )
+        if res.gpus_per_actor == 0 and (tp > 1 or m.vllm.quantization):
+            raise ValueError(
+                "model.vllm.tensor_parallel_size > 1 and model.vllm.quantization need GPUs "
+                "(resources.gpus_per_actor > 0)"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

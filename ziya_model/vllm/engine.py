@@ -59,7 +59,7 @@ class EngineOptions:
     enable_prefix_caching: bool = True  # reuse image + prompt blocks across questions
     enforce_eager: bool = False  # no CUDA graphs (tests on CPU set True)
     block_size: int | None = None  # KV block size; CPU attention needs a multiple of 32
-    cpu_kvcache_gib: float | None = None  # CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    cpu_kvcache_gib: int | None = None  # CPU only: KV cache GiB (VLLM_CPU_KVCACHE_SPACE)
     seed: int = 0  # sampling seed (greedy decoding does not use it)
     # vLLM's engine core in its own process (None: vLLM's default, on). Off starts in ~2 s
     # instead of ~24 s on CPU; tests use that.
