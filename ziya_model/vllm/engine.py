@@ -65,6 +65,8 @@ class EngineOptions:
     # instead of ~24 s on CPU; tests use that.
     multiprocessing: bool | None = None
     model_dir_cache: str | None = None  # where the linked model directory is built
+    # "dummy": random weights of the config's dimensions, no weight files (bench/gpu_check.py)
+    load_format: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,9 @@ class ZiyaVLLMEngine:
 
         self.options = options
         visual_dir, llm_dir = Path(visual_dir), Path(llm_dir)
-        self.model_dir = build_model_dir(visual_dir, llm_dir, options.model_dir_cache)
+        self.model_dir = build_model_dir(
+            visual_dir, llm_dir, options.model_dir_cache, weights=options.load_format != "dummy"
+        )
         self.tokenizer = _load_tokenizer(llm_dir)
         # The visual config decides the prompt (roles, prefix, layout); the directory's
         # config.json adds the placeholder id.
@@ -206,6 +210,7 @@ class ZiyaVLLMEngine:
             "logits_processors": [zlogits.QUALNAME],
             # Log-probs after the penalties, like the transformers engine's mean_logprob.
             "logprobs_mode": "processed_logprobs",
+            "load_format": o.load_format,
         }
         if o.max_model_len is not None:
             kwargs["max_model_len"] = o.max_model_len

@@ -101,28 +101,33 @@ def model_dir_key(visual_dir: Path, llm_dir: Path) -> str:
 
 
 def build_model_dir(
-    visual_dir: str | Path, llm_dir: str | Path, cache_dir: str | Path | None = None
+    visual_dir: str | Path,
+    llm_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    *,
+    weights: bool = True,
 ) -> Path:
     """Build (or reuse) the vLLM model directory for a visual dir and a merged-LLM dir.
 
     Returns `cache_dir/ziya-vllm-<hash>` (default cache: the system temp dir). Written under a
-    temporary name and renamed, so a directory that exists is complete.
+    temporary name and renamed, so a directory that exists is complete. `weights=False` writes
+    configs and tokenizer only (for vLLM's `load_format="dummy"`: random weights).
     """
     visual_dir, llm_dir = Path(visual_dir).resolve(), Path(llm_dir).resolve()
     for what, directory in (("visual directory", visual_dir), ("LLM directory", llm_dir)):
         if not (directory / "config.json").is_file():
             raise ModelDirError(f"{what} {directory} has no config.json")
     root = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
-    target = root / f"ziya-vllm-{model_dir_key(visual_dir, llm_dir)}"
+    target = root / f"ziya-vllm-{model_dir_key(visual_dir, llm_dir)}{'' if weights else '-dummy'}"
     if (target / "config.json").is_file():
         return target
 
-    visual_files = _weight_files(
+    visual_files = weights and _weight_files(
         visual_dir,
         "visual directory",
         f"run `python -m ziya_model.convert {visual_dir}` once to write model.safetensors",
     )
-    llm_files = _weight_files(
+    llm_files = weights and _weight_files(
         llm_dir,
         "LLM directory",
         "save the merged LLM with save_pretrained(..., safe_serialization=True)",
@@ -143,7 +148,7 @@ def build_model_dir(
     partial = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
     try:
         weight_map: dict[str, str] = {}
-        for prefix, files in (("visual--", visual_files), ("llm--", llm_files)):
+        for prefix, files in (("visual--", visual_files or []), ("llm--", llm_files or [])):
             for path in files:
                 link = prefix + path.name
                 os.symlink(path, partial / link)
