@@ -188,6 +188,8 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
                 job.preprocess.mode,
                 ctx.roster,
             ),
+            # A model call past this ends its actor: retried like a crash (see watchdog.py).
+            fn_constructor_kwargs={"batch_timeout_s": job.run.batch_timeout_s},
             batch_size=model_batch,
             batch_format="pyarrow",
             # Two calls per actor at once: InferStage lets only one onto the model and prepares

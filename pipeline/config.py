@@ -266,6 +266,15 @@ class RunConfig(_Strict):
         description="Crashed batches tolerated per pass before the job fails (-1 = no limit). "
         "Their rows are retried one per batch; a row that still crashes ends as inference_error.",
     )
+    batch_timeout_s: float = Field(
+        default=900,
+        gt=0,
+        description="Longest one model call (encoding a batch's images, or one generate call) "
+        "may run. A call past it is taken as hung (a stuck kernel or collective): its actor is "
+        "ended and the batch retried like a crash, so a row that hangs every time ends as "
+        "inference_error instead of stalling the job. Generous by default: a full GPU batch "
+        "takes seconds to a few minutes; raise it for a real model on CPU.",
+    )
 
 
 class JobConfig(_Strict):

@@ -296,7 +296,11 @@ class ShardCommitter:
                 "question": pa.array([None] * n, pa.string()),
                 "answer": pa.array([None] * n, pa.string()),
                 "status": [INFERENCE_ERROR] * n,
-                "error": ["the batch holding this row failed on every retry (worker crash)"] * n,
+                "error": [
+                    "the batch holding this row failed on every retry (worker crash, or a "
+                    "model call hung past run.batch_timeout_s)"
+                ]
+                * n,
                 "num_tokens": pa.array([0] * n, pa.int32()),
                 "mean_logprob": pa.array([None] * n, pa.float32()),
                 "latency_s": pa.array([0.0] * n, pa.float32()),

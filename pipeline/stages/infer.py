@@ -17,6 +17,8 @@ while one batch is on the model, the next one is being prepared, and the model n
 Python bookkeeping between batches. A generate call that fails is
 retried row by row, so one bad row ends as `inference_error` instead of failing its neighbours;
 CUDA out-of-memory and other device failures still propagate (they are not the row's fault).
+A model call still running after `run.batch_timeout_s` ends the actor, as a crash would
+(`pipeline/watchdog.py`): Ray retries its batch, and a row that hangs every time fails alone.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pipeline.columns import INFERENCE_ERROR, INVALID_QUESTION, OK, check_column
 from pipeline.redact import describe_error
 from pipeline.roster import ActorRoster
 from pipeline.text import fix_surrogates
+from pipeline.watchdog import CallWatchdog
 
 INPUT_COLUMNS = {
     "shard": "shard id",
@@ -84,6 +87,7 @@ class InferStage:
         batch_size: int | None,
         pixel_mode: str = "fast",
         roster: ActorRoster | None = None,
+        batch_timeout_s: float | None = None,
     ):
         import torch
 
@@ -103,6 +107,8 @@ class InferStage:
         self._model_lock = threading.Lock()
         self.metrics = ActorMetrics()
         self.metrics.model_loaded(time.perf_counter() - t0)
+        # Ends this actor when a model call hangs (see watchdog.py); loading is not guarded.
+        self.watchdog = CallWatchdog(batch_timeout_s)
 
     def _auto_batch_size(self, torch) -> int:
         """Prompts per generate call: what the KV cache fits in 60% of free GPU memory; 8 on CPU.
@@ -164,14 +170,15 @@ class InferStage:
         return answers
 
     def _generate(self, embeds, jobs):
-        return self.model.answer_batch(
-            self.tokenizer,
-            queries=[q for _, q, _ in jobs],
-            image_embeds=embeds,
-            image_index=[i for i, _, _ in jobs],
-            histories=[h for _, _, h in jobs],
-            generation=self.generation,
-        )
+        with self.watchdog.guard(f"answer_batch({len(jobs)} prompts)"):
+            return self.model.answer_batch(
+                self.tokenizer,
+                queries=[q for _, q, _ in jobs],
+                image_embeds=embeds,
+                image_index=[i for i, _, _ in jobs],
+                histories=[h for _, _, h in jobs],
+                generation=self.generation,
+            )
 
     def _generate_one(self, embeds, job):
         try:
@@ -209,7 +216,8 @@ class InferStage:
                 start = time.perf_counter()
                 with self._model_lock:
                     waited = time.perf_counter() - start
-                    embeds = self.model.encode_images(pixels)
+                    with self.watchdog.guard(f"encode_images({len(images)} images)"):
+                        embeds = self.model.encode_images(pixels)
                     got = self._answer(embeds, jobs)
                 for owner, a in zip(owners, got, strict=True):
                     answers[owner] = a

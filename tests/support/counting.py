@@ -14,6 +14,8 @@ a CUDA abort or the OOM killer look like to Ray):
   only if PATH does not exist yet (it is created first), so the crash happens once per test;
 - `poison=True`: any batch holding a uniform (single-colour) image exits, every time: a row that
   crashes its worker on every retry.
+- `hang=True`: encoding any batch holding a uniform image never returns, every time: a row that
+  hangs its model call (a stuck kernel); logged as `{"event": "hang", "pid", "t"}` first.
 `delay_s` slows every call down, so a test can kill a run in the middle.
 
 Log lines are JSON: one per model load, `{"event": "load", "pid", "t"}`, and one per completed
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ class CountingLoader:
     crash_on_call: int | None = None
     crash_marker: str | None = None
     poison: bool = False
+    hang: bool = False
     delay_s: float = 0.0
 
     def __call__(self) -> tuple[Any, Any, Any]:
@@ -56,6 +60,9 @@ class CountingLoader:
         def counted_encode(pixel_values):
             if self.poison and _has_uniform_image(pixel_values):
                 os._exit(1)
+            if self.hang and _has_uniform_image(pixel_values):
+                self._write({"event": "hang"})
+                threading.Event().wait()  # forever: only ending the process gets out of here
             state["images"] = int(pixel_values.shape[0])
             return encode_images(pixel_values)
 
