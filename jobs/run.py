@@ -3,7 +3,8 @@
     ziya-batch run jobs/caption_dataset.yaml --set resources.actors=4
     python -m jobs.cli run jobs/caption_dataset.yaml        # what a submitted Ray Job executes
 
-Connects to RAY_ADDRESS (or --address) when set, else starts a local Ray bound to 127.0.0.1.
+Connects to RAY_ADDRESS (or --address) when set, else starts a local Ray whose every port
+listens on 127.0.0.1 only (README, Security; tests/test_exposure.py).
 """
 
 from __future__ import annotations
@@ -34,8 +35,35 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # A local Ray never listens beyond this machine (issue 7: the dashboard and job API run
-        # code for whoever reaches them).
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
+        # code for whoever reaches them). Token auth stays as Ray sets it (on since Ray 2.52).
+        _single_node_on_loopback()
+        ray.init(
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+        )
+        if ray.util.get_node_ip_address() != "127.0.0.1":
+            logging.getLogger("ziya_batch").warning(
+                "the local Ray runs on %s, not 127.0.0.1: its ports listen on every interface",
+                ray.util.get_node_ip_address(),
+            )
+
+
+def _single_node_on_loopback() -> None:
+    """Make the local Ray's node address 127.0.0.1, which is what binds its ports to loopback.
+
+    Ray binds every listener of a node (GCS, raylet, object manager, each worker's and actor's
+    gRPC server, the dashboard agent, the runtime-env agent, the metrics exporters) to 127.0.0.1
+    when the node's address is loopback, and to all interfaces otherwise. On Linux it replaces
+    a loopback `_node_ip_address` with the machine's address unless multi-node clusters are
+    switched off (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, Ray's default on macOS and Windows,
+    where it keeps single-node Rays on loopback). A local run is one node by definition.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when Ray is first imported
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # already imported: the value is read from here at ray.init
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 class Progress:
