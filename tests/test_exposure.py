@@ -11,6 +11,7 @@ agents, workers and model actors) every 0.2 s, and checks each address against l
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -107,7 +108,8 @@ def test_a_local_run_listens_only_on_loopback_with_token_auth(tmp_path, tiny_che
         if proc.poll() is None:
             proc.kill()
         for pid in _session_pids(proc.pid):  # whatever of that Ray is still up: ours alone
-            psutil.Process(pid).kill()
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, out[-5000:]
     assert "rows out" in out and "ok" in out, out[-3000:]
