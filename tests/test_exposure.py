@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,7 @@ def _listening(pids: list[int]) -> set[tuple[str, str, int]]:
     return found
 
 
+@pytest.mark.slow
 def test_a_local_run_listens_only_on_loopback_with_token_auth(tmp_path, tiny_checkpoint, photo_dir):
     photos = sorted(photo_dir.glob("*.jpg"))
     manifest = tmp_path / "manifest.parquet"
