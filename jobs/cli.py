@@ -5,6 +5,7 @@
     ziya-batch submit jobs/caption_dataset.yaml --address http://HEAD:8265 [--wait]
     ziya-batch status|logs|stop SUBMISSION_ID --address http://HEAD:8265
     ziya-batch report OUTPUT_URI --out report.html
+    ziya-batch playground [--visual DIR --llm DIR]    # web chat + prompt trial (gradio)
 
 Each subcommand lives in its own module under `jobs/`; this file only parses arguments.
 """
@@ -78,12 +79,40 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_playground(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "playground",
+        help="web app: chat about an image, try a job's prompt on sample rows (needs gradio)",
+    )
+    p.add_argument("--tiny", action="store_true", help="tiny checkpoint (the default)")
+    p.add_argument("--visual", default=None, help="visual checkpoint dir (real weights)")
+    p.add_argument("--llm", default=None, help="merged Ziya-LLaMA-13B dir (with --visual)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth-file", default=None, help="basic auth: a file of user:password lines")
+    p.add_argument(
+        "--job", action="append", default=[], help="a job file offered in the Job tab (repeatable)"
+    )
+    p.set_defaults(func=_playground)
+
+
+def _playground(args: argparse.Namespace) -> int:
+    if (args.visual is None) != (args.llm is None) or (args.tiny and args.visual):
+        raise SystemExit("give --visual with --llm (real weights), or neither (--tiny)")
+    from jobs.playground import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ziya-batch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_demo(sub)
     _add_report(sub)
+    _add_playground(sub)
     from jobs import submit
 
     submit.add_subcommands(sub)

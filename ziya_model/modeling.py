@@ -498,13 +498,27 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
         `do_sample=True` (the public demo passed temperature/top_p without sampling, so they had
         no effect there).
         """
+        return self.chat_answer(
+            tokenizer, pixel_values, query, previous_querys, previous_outputs, **generate_config
+        ).text
+
+    def chat_answer(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        pixel_values: torch.Tensor,
+        query: str,
+        previous_querys: Sequence[str] = (),
+        previous_outputs: Sequence[str] = (),
+        **generate_config: Any,
+    ) -> Answer:
+        """`chat()` with the whole `Answer`: text, generated tokens and confidence."""
         settings, extra = GenerationSettings.split(generate_config)
         if pixel_values.dim() == 3:
             pixel_values = pixel_values.unsqueeze(0)
         if pixel_values.shape[0] != 1:
             raise ValueError(f"chat() takes one image, got {pixel_values.shape[0]}")
         image_embeds = self.encode_images(pixel_values)
-        answer = self.answer_batch(
+        return self.answer_batch(
             tokenizer,
             [query],
             image_embeds,
@@ -513,7 +527,6 @@ class ZiyaBlip2ForCausalLM(Blip2PreTrainedModel):
             generation=settings,
             extra=extra,
         )[0]
-        return answer.text
 
 
 # The name an early release README used; the seed's code imports it.
