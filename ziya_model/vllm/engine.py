@@ -131,21 +131,13 @@ def sampling_params(settings: Any, eos_token_id: int | None):
     return SamplingParams(**kwargs)
 
 
-def _prompt_ids_fn():
-    """`prompt_token_ids(tokenizer, config, query, history_queries, history_answers)`."""
-    from ziya_model.tokenization import prompt_token_ids
-
-    return prompt_token_ids
-
-
 def _load_tokenizer(llm_dir: Path):
+    """The project's tokenizer (the release's tokenization), as the transformers engine uses."""
     import json
 
+    from ziya_model.tokenization import load_tokenizer
+
     pad = json.loads((llm_dir / "config.json").read_text()).get("pad_token_id")
-    try:
-        from ziya_model.tokenization import load_tokenizer
-    except ImportError:  # before the release-tokenization module existed
-        from ziya_model.loading import load_tokenizer
     return load_tokenizer(llm_dir, pad)
 
 
@@ -166,7 +158,6 @@ class ZiyaVLLMEngine:
         self.config = Blip2Config.from_pretrained(str(self.model_dir))
         self.image_token_id = int(self.config.image_token_index)
         self.num_query_tokens = int(self.config.num_query_tokens)
-        self._prompt_ids = _prompt_ids_fn()
         self._engine = self._start_engine()
         self._ids = itertools.count()
         self._intake: queue.SimpleQueue = queue.SimpleQueue()
@@ -222,7 +213,9 @@ class ZiyaVLLMEngine:
 
     def prompt_ids(self, request: Request) -> list[int]:
         """The row's prompt ids with the image's positions filled by the placeholder id."""
-        p = self._prompt_ids(
+        from ziya_model.tokenization import prompt_token_ids
+
+        p = prompt_token_ids(
             self.tokenizer,
             self.config,
             request.query,
