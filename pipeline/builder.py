@@ -209,9 +209,7 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
 
 
 def _generation(job: JobConfig):
-    from ziya_model import GenerationSettings
-
-    return GenerationSettings(**job.generation.model_dump())
+    return job.generation  # already ziya_model's GenerationSettings
 
 
 @dataclass

@@ -128,7 +128,9 @@ class InferStage:
         per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * element
         tokens = PROMPT_TEXT_TOKENS + self.model.config.num_query_tokens
         tokens += self.generation.max_new_tokens
-        return int(max(1, min(MAX_AUTO_BATCH, 0.6 * free // max(per_token * tokens, 1))))
+        # Beam search keeps num_beams sequences (and their KV cache) per prompt.
+        per_prompt = per_token * tokens * self.generation.num_beams
+        return int(max(1, min(MAX_AUTO_BATCH, 0.6 * free // max(per_prompt, 1))))
 
     def _pixel_tensor(self, column, indices: list[int]):
         """The rows' pixels as one normalized [n, 3, S, S] tensor on the model's device.
