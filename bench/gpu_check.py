@@ -5,9 +5,9 @@
 
 Run in the environment that has vLLM (`pip install 'ziya-batch[vllm]'` on a GPU machine,
 `.venv-vllm` on CPU). Per engine it prints images/s, output tokens/s, the fraction of the
-decode roofline (GPU: tokens/s over peak bf16 FLOP/s / (2 x LLM parameters), the compute bound
-large batches reach; table below), the prefix-cache hit rate on 4-question rows, and peak GPU
-memory. Every answer has exactly `--new-tokens` tokens (min = max), so the engines do the same
+decode roofline (GPU: tokens/s over the decode bound of ziya_model/roofline.py, the one table
+of GPUs, with the engine's sequences per step: the transformers batch, vLLM's max_num_seqs), the
+prefix-cache hit rate on 4-question rows, and peak GPU memory. Every answer has exactly `--new-tokens` tokens (min = max), so the engines do the same
 work. On GPU no weight file is written: the transformers model is initialized randomly on the
 device, vLLM loads with `load_format="dummy"`; both read the same configs.
 
@@ -30,14 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Peak dense bf16 TFLOP/s and HBM TB/s (vendor figures); the one place these live.
-GPUS = {
-    "H200": (989.0, 4.8),
-    "H100": (989.0, 3.35),
-    "A100": (312.0, 2.0),
-    "L40S": (362.0, 0.86),
-    "A10": (125.0, 0.6),
-}
+from ziya_model.roofline import GPUS, decode_bound, gpu_type_of, llama_params  # noqa: E402
+
 QUESTIONS = ["Describe the image.", "What is in the picture?", "这是什么？", "What color is it?"]
 
 
@@ -47,7 +41,7 @@ def _gpu_name() -> str | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(0)
-    return next((k for k in GPUS if k in name), name)
+    return gpu_type_of(name) or name
 
 
 def _dirs(cpu: bool, root: Path) -> tuple[Path, Path]:
@@ -200,8 +194,11 @@ def main(argv=None) -> int:
             "transformers": _transformers(visual, llm, cpu, images, settings, batch),
             "vllm": _vllm(visual, llm, cpu, images, settings),
         }
-    llm_params = 13.0e9  # Ziya-LLaMA-13B
-    peak = GPUS.get(gpu or "", (None, None))[0]
+    from ziya_model.configuration import real_dims_config
+
+    llm_params = llama_params(real_dims_config().text_config.to_dict())  # Ziya-LLaMA-13B
+    known = gpu in GPUS and not cpu
+    seqs = {"transformers": batch, "vllm": 256}  # EngineOptions.max_num_seqs
     label = "CPU (tiny checkpoint, fp32)" if cpu else f"GPU {gpu} (real dims, random bf16)"
     print(f"gpu_check on {label}: {n} images, {args.new_tokens}-token captions")
     print(f"{'':28}{'transformers':>16}{'vllm':>16}")
@@ -210,7 +207,7 @@ def main(argv=None) -> int:
         r["images_per_s"] = n / r["wall_s"]
         r["tokens_per_s"] = r["tokens"] / r["wall_s"]
         r["roofline_fraction"] = (
-            r["tokens_per_s"] / (peak * 1e12 / (2 * llm_params)) if peak and not cpu else None
+            r["tokens_per_s"] / decode_bound(gpu, llm_params, 2, seqs[name]) if known else None
         )
         rows[name] = r
 

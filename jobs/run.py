@@ -16,6 +16,7 @@ import time
 
 from pipeline.builder import Summary, prepare, run
 from pipeline.config import JobConfig, JobConfigError, load_job
+from pipeline.efficiency import rows as efficiency_rows
 from pipeline.manifest import ManifestError
 from pipeline.redact import RedactingFilter, redact
 from pipeline.writer import JobAborted, Tally
@@ -123,6 +124,8 @@ def format_summary(summary: Summary) -> str:
         ("wall time", f"{summary.wall_s:.1f} s"),
         ("model", summary.model),
     ]
+    # How well the model devices were used (pipeline/efficiency.py), both engines.
+    rows += efficiency_rows(summary.efficiency)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -55,7 +55,7 @@ class Context:
     done_keys: np.ndarray | None = None  # incremental: keys of rows already labeled
     loader: Callable[[], Any] | None = None
     roster: ActorRoster | None = None  # set by `run`: where model actors register, to be stopped
-    engine_board: Any = None  # model.engine=vllm: where the engines add up their figures
+    engine_board: Any = None  # EfficiencyBoard: where the model actors add up their figures
 
 
 def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
@@ -170,15 +170,17 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
         # path warns that it goes away in Ray 2.64.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
         infer_stage, loader, in_flight = InferStage, ctx.loader, 2
+        if ctx.engine_board is None:
+            from pipeline.efficiency import EfficiencyBoard
+
+            ctx.engine_board = EfficiencyBoard.start()  # the summary's efficiency figures
         if job.model.engine == "vllm":
             # The same stage with vLLM in place of the transformers model (infer_vllm.py);
             # several batches per actor at once keep the engine's running batch full.
-            from pipeline.stages.infer_vllm import EngineStatsBoard, VLLMInferStage, VLLMLoader
+            from pipeline.stages.infer_vllm import VLLMInferStage, VLLMLoader
 
-            if ctx.engine_board is None:
-                ctx.engine_board = EngineStatsBoard.start()
             infer_stage, in_flight = VLLMInferStage, job.model.vllm.batches_in_flight
-            loader = VLLMLoader(job, ctx.engine_board)
+            loader = VLLMLoader(job)
         return ds.map_batches(
             infer_stage,
             fn_constructor_args=(
@@ -189,7 +191,10 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
                 ctx.roster,
             ),
             # A model call past this ends its actor: retried like a crash (see watchdog.py).
-            fn_constructor_kwargs={"batch_timeout_s": job.run.batch_timeout_s},
+            fn_constructor_kwargs={
+                "batch_timeout_s": job.run.batch_timeout_s,
+                "board": ctx.engine_board,
+            },
             batch_size=model_batch,
             batch_format="pyarrow",
             # Two calls per actor at once: InferStage lets only one onto the model and prepares
@@ -230,6 +235,7 @@ class Summary:
     run_id: str | None = None
     filled_after_crash: list[str] = field(default_factory=list)
     engine: dict | None = None  # model.engine=vllm: prefix-cache hit rate, busy fraction, ...
+    efficiency: dict | None = None  # both engines: tokens/s, busy, roofline (efficiency.py)
 
     @property
     def images_per_s(self) -> float:
@@ -481,10 +487,14 @@ def run(
         filled_after_crash=filled,
     )
     if ctx.engine_board is not None:
-        import ray
+        from pipeline import efficiency
 
-        board = ctx.engine_board.summary.remote(summary.wall_s, job.resources.actors)
-        summary.engine = ray.get(board, timeout=60)
+        totals = efficiency.read_totals(ctx.engine_board)
+        summary.efficiency = efficiency.summarize(job, totals, summary.tokens, summary.wall_s)
+        if job.model.engine == "vllm" and totals is not None:
+            from pipeline.stages.infer_vllm import engine_section
+
+            summary.engine = engine_section(totals, summary.wall_s, job.resources.actors)
     # The success marker and summary are written only when every shard is committed.
     final = layout.committed_shards(out_uri, storage)
     missing = [s.shard_id for s in ctx.plan.shards if s.shard_id not in final]

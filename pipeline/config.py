@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from ziya_model.generation import GenerationSettings
+from ziya_model.roofline import GPU_TYPES
 
 DEFAULT_CAPTION_PROMPT = (
     "请用中文和英文各写一句话描述这张图片。Describe this image in one sentence."
@@ -141,6 +142,13 @@ class ModelConfig(_Strict):
         default="/tmp/ziya-batch/models",
         description="Node-local directory where weights from object storage are cached.",
     )
+    device_map: Literal["none", "auto"] = Field(
+        default="none",
+        description="transformers engine: auto shards the language model's layers over the "
+        "actor's GPUs with accelerate (resources.gpus_per_actor >= 2, e.g. the 14B model in bf16 "
+        "on two 24 GB GPUs; the vision encoder stays on the first); none: the whole model on one "
+        "device. The vLLM engine shards with model.vllm.tensor_parallel_size instead.",
+    )
     engine: Literal["transformers", "vllm"] = Field(
         default="transformers",
         description="transformers: the numerical reference, static batches (CPU default); vllm: "
@@ -215,6 +223,13 @@ class LimitsConfig(_Strict):
         default=64_000_000,
         ge=1,
         description="Images with more pixels (from the header) are too_large.",
+    )
+    gpu_type: Literal[GPU_TYPES] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="The GPU model the actors run on, for the decode-roofline fraction in the "
+        "run summary (ziya_model/roofline.py holds the bandwidth/FLOP table): "
+        + ", ".join(GPU_TYPES)
+        + ". Empty = no roofline figure.",
     )
 
     @field_validator("allowed_networks")
@@ -297,6 +312,25 @@ class JobConfig(_Strict):
     def _engine(self) -> JobConfig:
         """vLLM options that cannot work together with the rest of the job, refused up front."""
         m, res = self.model, self.resources
+        if m.device_map == "auto" and (m.engine != "transformers" or res.gpus_per_actor < 1):
+            raise ValueError(
+                "model.device_map=auto shards the transformers engine over the actor's GPUs: it "
+                "needs model.engine=transformers and resources.gpus_per_actor >= 1 (vLLM: use "
+                "model.vllm.tensor_parallel_size)"
+            )
+        if m.engine == "transformers" and res.gpus_per_actor > 1 and m.device_map != "auto":
+            raise ValueError(
+                f"resources.gpus_per_actor={res.gpus_per_actor} with the transformers engine "
+                "needs model.device_map=auto (the model sharded over those GPUs); with "
+                "device_map=none one replica uses one GPU and the others would sit idle"
+            )
+        if res.gpus_per_actor > 1 and res.gpus_per_actor != int(res.gpus_per_actor):
+            raise ValueError("resources.gpus_per_actor above 1 must be a whole number of GPUs")
+        if res.gpu_type and res.gpus_per_actor == 0:
+            raise ValueError(
+                f"resources.gpu_type={res.gpu_type} names the actors' GPUs, but "
+                "resources.gpus_per_actor is 0 (the model runs on CPU)"
+            )
         if m.engine != "vllm":
             return self
         if self.generation.num_beams > 1:

@@ -40,6 +40,8 @@ import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.efficiency import rows as efficiency_rows
+
 # Output columns every shard has (pipeline/writer.py); anything else is a manifest pass-through
 # column, shown under each gallery item.
 CORE_COLUMNS = ("id", "task", "question_index", "question", "answer", "status", "error",
@@ -485,6 +487,8 @@ def render(run: RunData, endpoint_url: str | None = None) -> str:
         ("output", _esc(run.output)),
         ("source", _esc(s["source"])),
     ]
+    # Efficiency (summary.json of a finished run only): tokens/s per GPU, busy, roofline.
+    facts += [(_esc(k), _esc(v)) for k, v in efficiency_rows(s.get("efficiency"))]
     batch_lat = [float(x) for st in run.stats for x in (st.get("batch_latency_s") or [])]
     lat = np.asarray(batch_lat) if batch_lat else np.concatenate([np.zeros(0), *run.row_latency])
     lat_title = "per-batch latency" if batch_lat else "per-row latency"

@@ -123,4 +123,7 @@ class ModelLoader:
             dtype = "bf16" if self.device() == "cuda" else "fp32"
         # Sizes only: remote weights were hashed once when copied to this node (ensure_local),
         # and hashing 30 GB in every actor would add a minute to each start.
-        return load_ziya(visual, llm, dtype=dtype, device=self.device(), verify="size")
+        device_map = self.job.model.device_map  # auto: the LLM sharded over the actor's GPUs
+        return load_ziya(
+            visual, llm, dtype=dtype, device=self.device(), verify="size", device_map=device_map
+        )

@@ -119,6 +119,17 @@ def test_caption_every_row_once_with_exact_statuses(ray_cluster, bucket):
     assert bucket["fs"].exists("e2e/out/caption/_SUCCESS")
     saved = json.loads(bucket["fs"].cat_file("e2e/out/caption/summary.json"))
     assert saved["rows_out"] == n and saved["statuses"]["ok"] == photos
+    # Efficiency (pipeline/efficiency.py): on CPU per model actor, no prefix cache, and no
+    # roofline without resources.gpu_type (the roofline itself: tests/test_efficiency.py).
+    eff = saved["efficiency"]
+    assert eff == summary.efficiency
+    assert eff["engine"] == "transformers" and eff["per"] == "model actor" and eff["devices"] == 1
+    assert eff["output_tokens_per_s"] > 0 and eff["output_tokens_per_s_per_device"] > 0
+    assert eff["images_encoded"] == photos and eff["images_per_s_per_device"] > 0
+    assert 0 < eff["busy_fraction"] <= 1 and 0 < eff["busy_s"] <= eff["actor_wall_s"]
+    assert eff["prefix_cache_hit_rate"] is None
+    assert eff["gpu_type"] is None and eff["roofline_fraction"] is None
+    print(f"e2e efficiency figures: {eff}")
 
     # A finished job rerun processes nothing and writes nothing.
     before = {k: bucket["fs"].info(k)["LastModified"] for k in bucket["fs"].find("e2e/out/caption")}

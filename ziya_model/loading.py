@@ -152,6 +152,7 @@ def load_ziya(
     device: str = "cpu",
     *,
     verify: bool | str = True,
+    device_map: str | None = None,
 ) -> tuple[ZiyaBlip2ForCausalLM, PreTrainedTokenizerBase, ZiyaImageProcessor]:
     """Load model, tokenizer and image processor from a visual dir and a merged-LLaMA dir.
 
@@ -159,9 +160,16 @@ def load_ziya(
     `verify` checks each directory's `weights.sha256` manifest when one is present: True checks
     sizes and sha256 (reads every byte: ~1 min for the 30 GB release), "size" only sizes (for
     weights already hashed once after download), False nothing.
+
+    `device_map="auto"` shards the language model's layers over every visible GPU with
+    accelerate (`from_pretrained(device_map="auto")`, balanced by free memory); the vision
+    encoder, Q-Former and projection go to the first GPU, where the LLM's embeddings are, and
+    `generate` runs the layers where they lie. It needs `device` "cuda"/"auto" with a GPU; on
+    CPU only `None`/"none" (the whole model on one device) makes sense.
     """
     visual_dir, llm_dir = Path(visual_dir), Path(llm_dir)
     target = resolve_device(device)
+    sharded = _sharded(device_map, target)
     torch_dtype = resolve_dtype(dtype, target)
     weights = visual_weights_file(visual_dir)
     if verify not in (True, False, "size"):
@@ -179,8 +187,8 @@ def load_ziya(
         "local_files_only": True,
     }
     # On a GPU the LLaMA is materialized straight on the device (13 B params never sit in RAM).
-    device_map = {"": target} if target.type == "cuda" else None
-    language_model = LlamaForCausalLM.from_pretrained(str(llm_dir), device_map=device_map, **common)
+    placement = "auto" if sharded else ({"": target} if target.type == "cuda" else None)
+    language_model = LlamaForCausalLM.from_pretrained(str(llm_dir), device_map=placement, **common)
     try:
         model = ZiyaBlip2ForCausalLM.from_pretrained(
             str(visual_dir),
@@ -193,10 +201,32 @@ def load_ziya(
             f"refusing {weights}: it is not a plain tensor state dict "
             f"(weights_only load failed: {str(err).splitlines()[0]})"
         ) from err
-    model = model.to(target).eval()
+    if sharded:
+        # The LLM stays where accelerate put it; the rest joins its embeddings' device.
+        first = language_model.get_input_embeddings().weight.device
+        for name in ("vision_model", "qformer", "language_projection"):
+            getattr(model, name).to(first)
+        model.query_tokens.data = model.query_tokens.data.to(first)
+        model = model.eval()
+    else:
+        model = model.to(target).eval()
     tokenizer = load_tokenizer(llm_dir, language_model.config.pad_token_id)
     processor = ZiyaImageProcessor(image_size(model.config))
     return model, tokenizer, processor
+
+
+def _sharded(device_map: str | None, target: torch.device) -> bool:
+    """Whether `device_map` asks for the LLM sharded over the GPUs (only "auto" does)."""
+    if device_map in (None, "none"):
+        return False
+    if device_map != "auto":
+        raise ValueError(f"device_map must be None, 'none' or 'auto', got {device_map!r}")
+    if target.type != "cuda":
+        raise ValueError(
+            "device_map='auto' shards the model over GPUs and needs device cuda (or auto with a "
+            "GPU); on CPU use device_map=None"
+        )
+    return True
 
 
 def model_identity(visual_dir: str | Path, llm_dir: str | Path) -> str:

@@ -88,6 +88,7 @@ class InferStage:
         pixel_mode: str = "fast",
         roster: ActorRoster | None = None,
         batch_timeout_s: float | None = None,
+        board=None,
     ):
         import torch
 
@@ -109,6 +110,11 @@ class InferStage:
         self.metrics.model_loaded(time.perf_counter() - t0)
         # Ends this actor when a model call hangs (see watchdog.py); loading is not guarded.
         self.watchdog = CallWatchdog(batch_timeout_s)
+        # The run's efficiency figures (pipeline/efficiency.py): what each call did, and this
+        # actor's wall time since its model was ready, added to the driver's board.
+        self._board = board
+        self._figures_lock = threading.Lock()
+        self._mark = time.perf_counter()
 
     def _auto_batch_size(self, torch) -> int:
         """Prompts per generate call: what the KV cache fits in 60% of free GPU memory; 8 on CPU.
@@ -119,7 +125,11 @@ class InferStage:
         """
         if self.device.type != "cuda":
             return 8
-        free, _ = torch.cuda.mem_get_info(self.device)
+        placed = getattr(self.model.language_model, "hf_device_map", None) or {}
+        if len(set(placed.values())) > 1:  # model.device_map=auto: the KV cache spreads too
+            free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+        else:
+            free, _ = torch.cuda.mem_get_info(self.device)
         cfg = self.model.language_model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -211,7 +221,7 @@ class InferStage:
                     jobs.append((k, q, history))
                     owners.append((i, qi))
         answers: dict[tuple[int, int], object] = {}
-        waited = 0.0
+        waited = model_s = 0.0
         if jobs:
             with torch.inference_mode():
                 pixels = self._pixel_tensor(pixel_column, images)
@@ -221,6 +231,7 @@ class InferStage:
                     with self.watchdog.guard(f"encode_images({len(images)} images)"):
                         embeds = self.model.encode_images(pixels)
                     got = self._answer(embeds, jobs)
+                    model_s = time.perf_counter() - start - waited
                 for owner, a in zip(owners, got, strict=True):
                     answers[owner] = a
         latency = time.perf_counter() - t0 - waited  # this batch's own time, not its queueing
@@ -258,7 +269,24 @@ class InferStage:
                     }
                 )
         self.metrics.batch_done(out, latency, len(images))
+        self._record_figures(len(images) if jobs else 0, model_s)
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    def _call_figures(self, images: int, model_s: float) -> dict:
+        """What one call did, for the run's efficiency figures: images encoded and seconds on
+        the model (under the model lock). The vLLM stage reports its engine's own counters."""
+        return {"images": images, "busy_s": model_s}
+
+    def _record_figures(self, images: int, model_s: float) -> None:
+        from pipeline.efficiency import send
+
+        with self._figures_lock:
+            now = time.perf_counter()
+            delta = self._call_figures(images, model_s)
+            delta["actor_wall_s"] = now - self._mark
+            self._mark = now
+        # Before the rows are returned: the driver's totals are complete at the last commit.
+        send(self._board, delta)
 
 
 def _prompt_chars(job: tuple[int, str, tuple]) -> int:

@@ -14,7 +14,8 @@ the exactly-once commit behind them are the same code for both engines. What cha
 - A row vLLM refuses (e.g. a prompt longer than the context) fails alone as `inference_error`;
   an engine failure (device error, dead worker) propagates and Ray restarts the actor.
 - Engine figures (prompt tokens, prefix-cache hits, busy time) go to Ray's metrics and, as
-  deltas after each call, to an `EngineStatsBoard` actor the driver reads for the run summary.
+  deltas after each call, to the run's `EfficiencyBoard` (pipeline/efficiency.py), from which
+  the driver writes the summary's `engine` and `efficiency` sections.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class VLLMLoader:
     """A picklable recipe that starts the vLLM engine inside an actor (weights local first)."""
 
     job: JobConfig
-    board: object | None = None  # EngineStatsBoard handle (the driver's summary figures)
+    board: object | None = None  # unused: the stage gets the run's EfficiencyBoard itself
 
     def engine_options(self):
         from ziya_model.vllm.engine import EngineOptions
@@ -100,7 +101,6 @@ class VLLMInferStage(InferStage):
         self._model_lock = contextlib.nullcontext()
         self._reported = self.engine.stats()
         self._engine_metrics = _EngineMetrics()
-        self._board = getattr(loader, "board", None)
 
     def _pixel_tensor(self, column, indices: list[int]) -> list[np.ndarray]:
         """The rows' images as [3, S, S] arrays (uint8 fast path, float32 exact mode)."""
@@ -119,16 +119,16 @@ class VLLMInferStage(InferStage):
         guard = getattr(self, "watchdog", None)
         with guard.guard(f"vLLM({len(jobs)} prompts)") if guard else contextlib.nullcontext():
             answers = self.engine.answer(requests, self.generation)
-        self._report()
         return answers
 
-    def _report(self) -> None:
+    def _call_figures(self, images: int, model_s: float) -> dict:
+        """The engine's counters since the last call that reported (under the figures lock):
+        its own busy time, not this call's, since calls overlap on one engine."""
         stats = self.engine.stats()
         delta = {f: getattr(stats, f) - getattr(self._reported, f) for f in _COUNTED}
         self._reported = stats
         self._engine_metrics.record(delta)
-        if self._board is not None:
-            self._board.add.remote(delta)  # fire and forget: never holds up the batch
+        return {**delta, "images": images}
 
     def engine_stats(self):
         return self.engine.stats()
@@ -168,32 +168,16 @@ class _EngineMetrics:
 _COUNTED = ("requests", "prompt_tokens", "cached_prompt_tokens", "output_tokens", "busy_s")
 
 
-class EngineStatsBoard:
-    """Totals of every engine of a run (a zero-CPU Ray actor on the driver's node)."""
-
-    def __init__(self):
-        self.totals = dict.fromkeys(_COUNTED, 0)
-        self.actors = 0
-
-    def add(self, delta: dict) -> None:
-        for key, value in delta.items():
-            self.totals[key] += value
-
-    def summary(self, wall_s: float, actors: int) -> dict:
-        """The run summary's `engine` section."""
-        t = self.totals
-        return {
-            "name": "vllm",
-            **{k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()},
-            "prefix_cache_hit_rate": round(t["cached_prompt_tokens"] / t["prompt_tokens"], 4)
-            if t["prompt_tokens"]
-            else 0.0,
-            # Share of the run's wall time each engine had work, averaged over the actors.
-            "busy_fraction": round(t["busy_s"] / (wall_s * actors), 4) if wall_s > 0 else 0.0,
-        }
-
-    @classmethod
-    def start(cls):
-        import ray
-
-        return ray.remote(num_cpus=0)(cls).remote()
+def engine_section(totals: dict, wall_s: float, actors: int) -> dict:
+    """The run summary's `engine` section, from the run's `EfficiencyBoard` totals."""
+    t = {k: totals.get(k, 0) for k in _COUNTED}
+    wall = totals.get("actor_wall_s") or wall_s * actors
+    return {
+        "name": "vllm",
+        **{k: round(v, 3) if isinstance(v, float) else int(v) for k, v in t.items()},
+        "prefix_cache_hit_rate": round(t["cached_prompt_tokens"] / t["prompt_tokens"], 4)
+        if t["prompt_tokens"]
+        else 0.0,
+        # Share of the actors' time (model ready to last call) the engine had work.
+        "busy_fraction": round(min(t["busy_s"] / wall, 1.0), 4) if wall > 0 else 0.0,
+    }
