@@ -189,6 +189,13 @@ class ResourcesConfig(_Strict):
     fetch_threads: int = Field(
         default=16, ge=1, description="Concurrent image reads per fetch task."
     )
+    gpu_type: Literal[GPU_TYPES] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="The GPU model the actors run on, for the decode-roofline fraction in the "
+        "run summary (ziya_model/roofline.py holds the bandwidth/FLOP table): "
+        + ", ".join(GPU_TYPES)
+        + ". Empty = no roofline figure.",
+    )
 
 
 class StorageConfig(_Strict):
@@ -223,13 +230,6 @@ class LimitsConfig(_Strict):
         default=64_000_000,
         ge=1,
         description="Images with more pixels (from the header) are too_large.",
-    )
-    gpu_type: Literal[GPU_TYPES] | None = Field(  # type: ignore[valid-type]
-        default=None,
-        description="The GPU model the actors run on, for the decode-roofline fraction in the "
-        "run summary (ziya_model/roofline.py holds the bandwidth/FLOP table): "
-        + ", ".join(GPU_TYPES)
-        + ". Empty = no roofline figure.",
     )
 
     @field_validator("allowed_networks")
