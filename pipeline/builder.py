@@ -86,8 +86,14 @@ def prepare(job: JobConfig) -> Context:
     manifest_plan = plan(job)
     clash = sorted(set(manifest_plan.passthrough_columns) & set(OUTPUT_COLUMNS))
     if clash:
+        hint = (
+            " (img2dataset's status column: map it with input.columns.source_status)"
+            if "status" in clash
+            else ""
+        )
         raise ManifestError(
             f"manifest columns {clash} clash with output columns the pipeline adds; rename them"
+            + hint
         )
     identity = model_identity(job)
     visual_cfg = read_visual_config(job)

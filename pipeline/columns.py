@@ -19,6 +19,10 @@ DECODE_ERROR = "decode_error"
 INVALID_QUESTION = "invalid_question"
 INFERENCE_ERROR = "inference_error"
 UNCHANGED = "unchanged"  # incremental runs: already labeled identically; never written
+# The source never had the image (img2dataset's status was not "success"): nothing to fetch or
+# retry, and not a failure of this job (it counts neither toward run.max_failure_rate nor in
+# retry_failed mode).
+SOURCE_FAILED = "source_failed"
 FAILURE_STATUSES = (
     INVALID_PATH,
     FETCH_ERROR,

@@ -32,11 +32,51 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# What the pipeline reads from a manifest row, each under the name of its role (manifest.py);
+# `input.columns` maps a role to a column of the user's own name.
+ManifestRole = Literal[
+    "id",
+    "image",
+    "image_bytes",
+    "question",
+    "questions",
+    "history_queries",
+    "history_answers",
+    "source_status",
+]
+
+
 class InputConfig(_Strict):
     uri: str | list[str] = Field(
         description="Manifest location: one Parquet file, a list of them, or a directory/prefix "
         "(s3://, gs://, or a local path). Files are processed in sorted order."
     )
+    columns: dict[ManifestRole, str] = Field(
+        default_factory=dict,
+        description="The manifest's own column names for what the pipeline reads, role -> "
+        "column, e.g. {id: key, image_bytes: jpg} (img2dataset's parquet format) or {id: uid, "
+        "image: url}. Roles: id (string or integer, unique), image (URI), image_bytes, "
+        "question, questions, history_queries, history_answers, source_status (img2dataset's "
+        "`status`: rows not 'success' end as source_failed, never fetched). Mapped columns "
+        "pass through to the output under their own names (except image bytes and "
+        "source_status); the output's `id` column is the mapped id as a string. Unmapped roles "
+        "are read from columns named like the role.",
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _distinct_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        empty = [role for role, col in v.items() if not col]
+        if empty:
+            raise ValueError(f"input.columns: empty column name for {empty}")
+        seen: dict[str, str] = {}
+        for role, col in v.items():
+            if col in seen:
+                raise ValueError(
+                    f"input.columns maps both {seen[col]!r} and {role!r} to column {col!r}"
+                )
+            seen[col] = role
+        return v
 
 
 class OutputConfig(_Strict):

@@ -4,6 +4,11 @@ A manifest row names one image (`image` URI or `image_bytes`) under a unique str
 VQA its `question` (string) or `questions` (list of strings), optionally with earlier turns in
 `history_queries` / `history_answers`. Every other column passes through to the output.
 
+Those names are roles: `input.columns` maps a role to a column of the user's own name (e.g.
+`{id: key, image_bytes: jpg}` for img2dataset's parquet output). `read_rows(..., mapping=...)`
+returns the roles under their role names, whatever the file calls them; the writer reads the
+pass-through columns, the mapped ones included, under the file's own names.
+
 Shards are deterministic: rows [start, end) of one manifest file, named from the file and the
 range, so the same work always lands on the same output key (see ARCHITECTURE.md).
 """
@@ -32,7 +37,15 @@ QUESTION = "question"
 QUESTIONS = "questions"
 HISTORY_QUERIES = "history_queries"
 HISTORY_ANSWERS = "history_answers"
+SOURCE_STATUS = "source_status"  # img2dataset's download status: rows not "success" are skipped
 KNOWN_COLUMNS = (ID, IMAGE, IMAGE_BYTES, QUESTION, QUESTIONS, HISTORY_QUERIES, HISTORY_ANSWERS)
+ROLES = (*KNOWN_COLUMNS, SOURCE_STATUS)
+# Roles whose column never passes through: the raw bytes (large), and the source status (the
+# output's own status/error say it: source_failed).
+_NOT_PASSED = (IMAGE_BYTES, SOURCE_STATUS)
+# Output columns the pipeline owns under these names: a manifest column of the same name must
+# be the one it reads for the role, or it would be hidden.
+_OWNED = (ID, QUESTION)
 
 
 class ManifestError(ValueError):
@@ -57,13 +70,63 @@ class ManifestPlan:
     files: list[str]
     shards: list[Shard]
     total_rows: int
-    schema: pa.Schema  # the (common) manifest schema
+    schema: pa.Schema  # the (common) manifest schema, the file's own column names
+    columns: dict[str, str] | None = None  # role -> the file's column (input.columns resolved)
 
     @property
     def passthrough_columns(self) -> list[str]:
-        """Manifest columns copied to the output: all but the id, the raw image bytes and the
-        single `question` (the output's own `question` column holds it, cleaned)."""
-        return [n for n in self.schema.names if n not in (ID, IMAGE_BYTES, QUESTION)]
+        """Manifest columns copied to the output under their own names: all but the image bytes,
+        the source status, and the columns named `id` / `question` (the output's own `id` and
+        `question` hold them; a mapped id such as `key` does pass through)."""
+        resolved = self.columns or resolve_columns(self.schema.names, {})
+        dropped = {resolved[r] for r in _NOT_PASSED if r in resolved} | set(_OWNED)
+        return [n for n in self.schema.names if n not in dropped]
+
+
+def resolve_columns(names: list[str], mapping: dict[str, str]) -> dict[str, str]:
+    """role -> column of the file for each role it has: the mapped column, else the column named
+    like the role (unless that column is mapped to another role)."""
+    used = set(mapping.values())
+    out = {}
+    for role in ROLES:
+        if role in mapping:
+            if mapping[role] in names:
+                out[role] = mapping[role]
+        elif role in names and role not in used and role != SOURCE_STATUS:
+            out[role] = role
+    return out
+
+
+def check_mapping(names: list[str], mapping: dict[str, str], source: str) -> dict[str, str]:
+    """The resolved role -> column map; a mapping to a missing column, or a column named like a
+    pipeline-owned output column hidden by a mapping, is a `ManifestError`."""
+    missing = {role: col for role, col in mapping.items() if col not in names}
+    if missing:
+        wanted = ", ".join(f"{role} -> {col!r}" for role, col in missing.items())
+        raise ManifestError(
+            f"manifest {source}: input.columns maps {wanted}, but the file has no such column; "
+            f"its columns: {names}"
+        )
+    for owned in _OWNED:
+        if owned in names and owned in mapping and mapping[owned] != owned:
+            raise ManifestError(
+                f"manifest {source}: input.columns maps {owned} to {mapping[owned]!r}, but the "
+                f"file also has a column {owned!r}, which the output's own {owned!r} column would "
+                f"hide; rename it, or map {owned} to it; its columns: {names}"
+            )
+    return resolve_columns(names, mapping)
+
+
+def _role_schema(schema: pa.Schema, resolved: dict[str, str]) -> pa.Schema:
+    """The file's schema seen by role (the pipeline's names); a mapped integer id reads as a
+    string."""
+    fields = []
+    for role, col in resolved.items():
+        f = schema.field(col).with_name(role)
+        if role == ID and col != ID and pa.types.is_integer(f.type):
+            f = f.with_type(pa.string())
+        fields.append(f)
+    return pa.schema(fields)
 
 
 def shard_id(path: str, start: int, end: int) -> str:
@@ -137,6 +200,8 @@ def check_schema(
         fail(IMAGE_BYTES, f"must be binary, got {schema.field(IMAGE_BYTES).type}")
     if QUESTION in names and not _is_string(schema.field(QUESTION).type):
         fail(QUESTION, f"must be a string, got {schema.field(QUESTION).type}")
+    if SOURCE_STATUS in names and not _is_string(schema.field(SOURCE_STATUS).type):
+        fail(SOURCE_STATUS, f"must be a string, got {schema.field(SOURCE_STATUS).type}")
     for col in (QUESTIONS, HISTORY_QUERIES, HISTORY_ANSWERS):
         if col in names and not _is_string_list(schema.field(col).type):
             fail(col, f"must be a list of strings, got {schema.field(col).type}")
@@ -151,14 +216,17 @@ def check_schema(
         fail(f"{QUESTION}/{QUESTIONS}", "is required for task vqa")
 
 
-def _read_ids(fs: Any, path: str) -> pa.ChunkedArray:
+def _read_ids(fs: Any, path: str, column: str = ID) -> pa.ChunkedArray:
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=[ID]).column(ID)
+        ids = pq.read_table(f, columns=[column]).column(column)
+    return ids.cast(pa.string()) if pa.types.is_integer(ids.type) else ids
 
 
 def plan(job: JobConfig) -> ManifestPlan:
     """Validate every manifest file and cut it into shards; raises `ManifestError`."""
     files = list_manifest_files(job.input.uri, job.storage)
+    mapping = dict(job.input.columns)
+    resolved: dict[str, str] = {}
     schema: pa.Schema | None = None
     shards: list[Shard] = []
     # 64-bit hashes of the ids (8 bytes a row), not the ids: the driver's memory stays small
@@ -174,7 +242,11 @@ def plan(job: JobConfig) -> ManifestPlan:
         except Exception as err:
             raise ManifestError(f"manifest {uri} is not a readable Parquet file: {err}") from None
         try:
-            check_schema(file_schema, job.task.kind, uri, bool(job.task.questions))
+            resolved = check_mapping(file_schema.names, mapping, uri)
+            where = f"{uri} (input.columns {mapping})" if mapping else uri
+            check_schema(
+                _role_schema(file_schema, resolved), job.task.kind, where, bool(job.task.questions)
+            )
         except ManifestError as err:
             with fs.open(path, "rb") as f:
                 first = pq.ParquetFile(f).read_row_group(0) if meta.num_row_groups else None
@@ -186,13 +258,13 @@ def plan(job: JobConfig) -> ManifestPlan:
             raise ManifestError(
                 f"manifest {uri}: its columns {file_schema} differ from {files[0]}'s {schema}"
             )
-        ids = _read_ids(fs, path)
+        ids = _read_ids(fs, path, resolved[ID])
         if ids.null_count:
             index = pc.index(pc.is_null(ids), True).as_py()
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f).slice(index, 1)
             raise ManifestError(
-                f"manifest {uri}: column 'id' is null at row {index}: {_example(table)}"
+                f"manifest {uri}: column {resolved[ID]!r} is null at row {index}: {_example(table)}"
             )
         id_hashes.append(_hash_ids(ids))
         rows = meta.num_rows
@@ -203,8 +275,10 @@ def plan(job: JobConfig) -> ManifestPlan:
         total += rows
     if schema is None:
         raise ManifestError("no manifest files found")
-    _check_unique(id_hashes, files, job.storage)
-    return ManifestPlan(files=files, shards=shards, total_rows=total, schema=schema)
+    _check_unique(id_hashes, files, job.storage, resolved.get(ID, ID))
+    return ManifestPlan(
+        files=files, shards=shards, total_rows=total, schema=schema, columns=resolved
+    )
 
 
 def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
@@ -215,7 +289,9 @@ def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
     return hash_array(raw, categorize=False)
 
 
-def _check_unique(id_hashes: list[np.ndarray], files: list[str], storage: StorageConfig) -> None:
+def _check_unique(
+    id_hashes: list[np.ndarray], files: list[str], storage: StorageConfig, column: str = ID
+) -> None:
     """Ids must be unique across all files (the output is joined on them).
 
     Duplicates are found among the hashes; the ids behind a repeated hash are then read again to
@@ -234,7 +310,7 @@ def _check_unique(id_hashes: list[np.ndarray], files: list[str], storage: Storag
         if not hit.any():
             continue
         fs, path = filesystem(uri, storage)
-        ids = _read_ids(fs, path).cast(pa.binary()).to_numpy(zero_copy_only=False)[hit]
+        ids = _read_ids(fs, path, column).cast(pa.binary()).to_numpy(zero_copy_only=False)[hit]
         for value in ids:
             counts[value] = counts.get(value, 0) + 1
             where.setdefault(value, []).append(uri)
@@ -242,17 +318,25 @@ def _check_unique(id_hashes: list[np.ndarray], files: list[str], storage: Storag
     if dups:
         first = min(dups)
         raise ManifestError(
-            f"manifest column 'id' must be unique: {len(dups)} ids repeat, e.g. "
+            f"manifest column {column!r} must be unique: {len(dups)} ids repeat, e.g. "
             f"{first.decode('utf-8', 'replace')!r} (x{dups[first]}) in "
             f"{', '.join(sorted(set(where[first])))}"
         )
 
 
-def read_rows(shard: Shard, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+def read_rows(
+    shard: Shard,
+    storage: StorageConfig,
+    columns: list[str] | None = None,
+    mapping: dict[str, str] | None = None,
+) -> pa.Table:
     """Rows [start, end) of the shard's manifest file, plus `row` (index within the file).
 
-    Only the row groups that overlap the range are read. Invalid UTF-8 in string columns is
-    replaced (U+FFFD), so neither the stages nor the output writer fail on a bad string.
+    With `mapping` (`input.columns`, may be empty), `columns` are roles and come back under the
+    role names, read from the columns the mapping resolves them to (a mapped integer id as a
+    string); without it, `columns` are the file's own names. Only the row groups that overlap
+    the range are read. Invalid UTF-8 in string columns is replaced (U+FFFD), so neither the
+    stages nor the output writer fail on a bad string.
     """
     fs, path = filesystem(shard.path, storage)
     with fs.open(path, "rb") as f:
@@ -264,9 +348,19 @@ def read_rows(shard: Shard, storage: StorageConfig, columns: list[str] | None = 
                 groups.append(i)
                 first = offset if first is None else first
             offset += n
-        if columns is not None:
-            columns = [c for c in columns if c in pf.schema_arrow.names]
+        names = pf.schema_arrow.names
+        roles: dict[str, str] | None = None
+        if mapping is not None:
+            resolved = resolve_columns(names, mapping)
+            roles = {r: resolved[r] for r in (columns or ROLES) if r in resolved}
+            columns = list(dict.fromkeys(roles.values()))
+        elif columns is not None:
+            columns = [c for c in columns if c in names]
         table = pf.read_row_groups(groups, columns=columns)
+    if roles is not None:
+        table = pa.table({r: table.column(c) for r, c in roles.items()})
+        if ID in roles and pa.types.is_integer(table.schema.field(ID).type):
+            table = table.set_column(table.column_names.index(ID), ID, table[ID].cast(pa.string()))
     table = table.slice(shard.start - (first or 0), shard.end - shard.start)
     table = table.append_column("row", pa.array(range(shard.start, shard.end), type=pa.int64()))
     if shard.rows is not None:

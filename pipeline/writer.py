@@ -284,7 +284,9 @@ class ShardCommitter:
         missing = [r for r in rows if r not in state.rows]
         if not missing:
             return None
-        ids = read_rows(shard, self.job.storage, columns=["id"])
+        ids = read_rows(
+            shard, self.job.storage, columns=["id"], mapping=dict(self.job.input.columns)
+        )
         id_of = dict(zip(ids.column("row").to_pylist(), ids.column("id").to_pylist(), strict=True))
         n = len(missing)
         return pa.table(

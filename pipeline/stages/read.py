@@ -6,7 +6,11 @@ Output columns: shard, row, id, image, image_bytes, questions, question_errors,
 
 Questions are cleaned here (zero-width and control characters, bad UTF-8, lone surrogates,
 length) so that later stages and the Parquet writer only ever see safe text. A row whose every
-question is unusable ends as `invalid_question` and is never fetched.
+question is unusable ends as `invalid_question` and is never fetched. A row whose source
+status (`input.columns.source_status`, img2dataset's `status`) is not `success` ends as
+`source_failed` and is never fetched either.
+
+Manifest columns are read by role (`input.columns` maps a role to the file's own column name).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline import manifest as m
-from pipeline.columns import INVALID_QUESTION, OK, STRING_LIST, check_columns
+from pipeline.columns import INVALID_QUESTION, OK, SOURCE_FAILED, STRING_LIST, check_columns
 from pipeline.config import JobConfig
 from pipeline.manifest import Shard
 from pipeline.text import clean_text
@@ -42,7 +46,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 
-_READ_COLUMNS = list(m.KNOWN_COLUMNS)
+_READ_COLUMNS = list(m.ROLES)
 
 
 class ReadStage:
@@ -98,7 +102,9 @@ class ReadStage:
         }
 
     def _read_shard(self, shard: Shard) -> pa.Table:
-        table = m.read_rows(shard, self.job.storage, columns=_READ_COLUMNS)
+        table = m.read_rows(
+            shard, self.job.storage, columns=_READ_COLUMNS, mapping=dict(self.job.input.columns)
+        )
         rows = []
         for row in table.to_pylist():
             out = {
@@ -109,5 +115,10 @@ class ReadStage:
                 "image_bytes": row.get(m.IMAGE_BYTES),
             }
             out.update(self._clean_row(row))
+            source = row.get(m.SOURCE_STATUS)
+            if source is not None and source != "success" and out["status"] == OK:
+                out["status"] = SOURCE_FAILED
+                out["error"] = f"the source has no image for this row (status {source!r})"
+                out["image"] = out["image_bytes"] = None
             rows.append(out)
         return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
