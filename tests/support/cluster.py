@@ -95,6 +95,25 @@ class LocalCluster:
         )
 
     def _start(self, name: str, cpus: int, *args: str) -> Node:
+        """`ray start` one node; once more if it fails to come up. Ray gives a starting raylet
+        30 s to register with the GCS, which a machine busy with other test runs can exceed; a
+        node that never started is not what these tests are about."""
+        try:
+            return self._start_once(name, cpus, *args)
+        except RuntimeError as err:
+            self._discard(name)
+            print(f"{err}\nretrying once", file=sys.stderr)
+            return self._start_once(name, cpus, *args)
+
+    def _discard(self, name: str) -> None:
+        """SIGKILL whatever a failed start of node `name` left running, and forget it."""
+        node = self.nodes.pop(name)
+        for pid in _session_pids(node.session):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
+
+    def _start_once(self, name: str, cpus: int, *args: str) -> Node:
         temp_dir = Path(tempfile.mkdtemp(prefix=f"zc{name[:4]}", dir="/tmp"))  # short: socket paths
         manager, objects, agent_http, agent_grpc, runtime_env, metrics = _free_ports(6)
         workers = random.randrange(20000, 32000 - 100)
