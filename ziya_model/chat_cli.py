@@ -2,6 +2,7 @@
 
     ziya-chat --visual VISUAL_DIR --llm MERGED_LLM_DIR [--dtype auto] [--device auto]
     ziya-chat --tiny      # tiny random-weight model written to a temp dir (meaningless answers)
+    ziya-chat ... --engine vllm   # answers from ZiyaVLLMEngine (needs vLLM installed)
 
 First asks for an image path, then for questions. History is kept while the image stays the
 same; `/image PATH` switches images and clears history; `/reset` clears history; `/quit` (or
@@ -11,6 +12,7 @@ end of input) exits. Greedy decoding unless `--do-sample`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +36,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--llm", type=Path, help="merged Ziya-LLaMA-13B dir (with --visual)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    parser.add_argument(
+        "--engine",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="transformers (the reference) or vllm (ziya_model.vllm; pip install "
+        "'ziya-batch[vllm]'); vllm picks its device itself and has no beam search",
+    )
     # Defaults are GenerationSettings' (the release's), shared with chat() and job files.
     defaults = GenerationSettings()
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
@@ -46,6 +55,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.visual is not None and args.llm is None:
         parser.error("--visual needs --llm (the merged Ziya-LLaMA-13B directory)")
+    if args.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            parser.error(
+                "--engine vllm: vLLM is not installed in this environment (pip install "
+                "'ziya-batch[vllm]' on a GPU machine; on CPU use .venv-vllm, see dev.sh)"
+            )
+        if args.num_beams > 1:
+            parser.error("--engine vllm has no beam search: use --num-beams 1")
     return args
 
 
@@ -53,6 +70,7 @@ class _Session:
     """One image and its conversation so far."""
 
     def __init__(self, model, tokenizer, processor, args: argparse.Namespace, out: TextIO):
+        # `model` is a ZiyaBlip2ForCausalLM, or a ZiyaVLLMEngine with --engine vllm.
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.args, self.out = args, out
         self.pixels: torch.Tensor | None = None
@@ -72,6 +90,11 @@ class _Session:
 
     def ask(self, query: str) -> str:
         assert self.pixels is not None, "set_image first"
+        if self.args.engine == "vllm":
+            answer = self._ask_vllm(query)
+            self.queries.append(query)
+            self.answers.append(answer)
+            return answer
         answer = self.model.chat(
             tokenizer=self.tokenizer,
             pixel_values=self.pixels,
@@ -89,6 +112,39 @@ class _Session:
         self.queries.append(query)
         self.answers.append(answer)
         return answer
+
+    def _ask_vllm(self, query: str) -> str:
+        from .vllm.engine import Request
+
+        a = self.args
+        settings = GenerationSettings(
+            max_new_tokens=a.max_new_tokens,
+            repetition_penalty=a.repetition_penalty,
+            num_beams=a.num_beams,
+            do_sample=a.do_sample,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+        )
+        image = self.pixels[0].numpy()  # exact mode: normalized float32 [3, S, S]
+        got = self.model.answer([Request(image, query, self.queries, self.answers)], settings)[0]
+        if isinstance(got, Exception):
+            raise got
+        return got.text
+
+
+def _load_vllm(visual: Path, llm: Path, args: argparse.Namespace):
+    """(engine, tokenizer, processor) for --engine vllm; CPU settings when torch sees no GPU."""
+    from .processing import ZiyaImageProcessor
+    from .vllm.engine import EngineOptions, ZiyaVLLMEngine
+
+    gpu = torch.cuda.is_available()
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if gpu else "fp32")
+    cpu = {} if gpu else {"enforce_eager": True, "block_size": 32, "cpu_kvcache_gib": 1}
+    # In-process engine core: ~2 s to start instead of ~24 s, and one session needs no more.
+    options = EngineOptions(dtype=dtype, max_num_seqs=4, multiprocessing=False, **cpu)
+    engine = ZiyaVLLMEngine(visual, llm, options)
+    return engine, engine.tokenizer, ZiyaImageProcessor(int(engine.config.vision_config.image_size))
 
 
 def _read(prompt: str, stdin: TextIO, out: TextIO) -> str | None:
@@ -137,8 +193,17 @@ def main(
             print("tiny random-weight model: answers are meaningless text", file=out)
         else:
             visual, llm = args.visual, args.llm
-        model, tokenizer, processor = load_ziya(visual, llm, dtype=args.dtype, device=args.device)
-        return run(_Session(model, tokenizer, processor, args, out), stdin, out)
+        if args.engine == "vllm":
+            model, tokenizer, processor = _load_vllm(Path(visual), Path(llm), args)
+        else:
+            model, tokenizer, processor = load_ziya(
+                visual, llm, dtype=args.dtype, device=args.device
+            )
+        try:
+            return run(_Session(model, tokenizer, processor, args, out), stdin, out)
+        finally:
+            if args.engine == "vllm":
+                model.close()
 
 
 if __name__ == "__main__":
