@@ -388,6 +388,7 @@ def run(
     ctx = context or prepare(job)
     if loader is not None:
         ctx.loader = loader
+    ctx.engine_board = None  # `build` starts a fresh board: this invocation's figures only
     out_uri, run_id = _run_dir(ctx)
     storage = job.storage
     mode = job.run.mode
