@@ -43,6 +43,15 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def oracle_checkpoint(tmp_path_factory):
+    """The oracle: a tiny checkpoint trained (once a session) to know the photographs' answers
+    (`ziya_model.oracle.KNOWN_ANSWERS`)."""
+    from ziya_model.oracle import write_oracle_checkpoint
+
+    return write_oracle_checkpoint(tmp_path_factory.mktemp("oracle"))
+
+
+@pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     """Real photographs shipped inside scikit-image, saved as JPEG files."""
     from PIL import Image

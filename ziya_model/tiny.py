@@ -47,6 +47,11 @@ Please answer the question about the image. Is there a dog? Where was this photo
 Question: what is it? Answer: a cat. Note: 2 cups; 3 dogs (yes/no).
 A gray cat with green eyes. A red and white rocket. An old film camera. 2 people, 3 cups, 10 stars.
 问：这是什么？答：一只猫。一只灰色的猫。一枚红白相间的火箭。一台旧相机。一位穿宇航服的女人。
+一位宇航员站在旗子前。An astronaut in front of a flag. 桌上有一杯咖啡。A cup of coffee on a table.
+一只橘色的猫坐着。An orange cat sitting. 发射台上的火箭。A rocket on the launch pad.
+一个拿相机的男人。A man with a camera. 许多旧硬币。Many old coins. 深空中的星系。Galaxies in space.
+图片里有什么？What is the main color of this picture? White. Brown. Orange. Blue. Gray. Black.
+一位宇航员。一杯咖啡。一只猫。一枚火箭。一台相机。硬币。许多星系。What did you just say?
 """
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: Ziya/LLaMA's pad(=unk), bos, eos
@@ -201,7 +206,15 @@ def write_tiny_checkpoint(
     with torch.no_grad():
         # Released queries are trained, not zero; random ones make the Q-Former output richer.
         model.query_tokens.normal_(0.0, 0.5)
+    return save_checkpoint(model, out, weights_format)
 
+
+def save_checkpoint(
+    model: ZiyaBlip2ForCausalLM, out_dir: str | Path, weights_format: str = "safetensors"
+) -> TinyCheckpoint:
+    """Save `model` as visual/ + llm/ (weights and manifests) beside a tokenizer already in llm/."""
+    config = model.config
+    visual_dir, llm_dir = Path(out_dir) / "visual", Path(out_dir) / "llm"
     visual = {
         name: tensor.detach().contiguous()
         for name, tensor in model.state_dict().items()
