@@ -13,9 +13,12 @@ of its manifest, run its task through the pipeline's own stages (`jobs/trial.py`
 prompt and settings, rerun beside the previous answers, then save the edited job file or copy
 the `--set` overrides.
 
-Safe by default: binds 127.0.0.1; `--auth-file` (lines `user:password`) adds basic auth for a
+Safe by default: binds 127.0.0.1; `--auth-file` (lines `user:password`) adds a login for a
 shared host; one model per process, every model call queued one at a time; no file is served
 but what the app shows (no `allowed_paths`; job files come by upload or from the `--job` list).
+A job file is trusted like code (README, Security): whoever may use the Job tab may make this
+process read what a job file can name (manifests, images under its allowed locations), so give
+a shared playground's login only to people who may submit jobs.
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ class Chat:
             # chat() itself returns only the text; chat_answer is chat() with the token count.
             got = loaded.model.chat_answer(
                 tokenizer=loaded.tokenizer,
-                pixel_values=state["pixels"].to(next(loaded.model.parameters()).device),
+                pixel_values=state["pixels"],  # moved to the model's device by chat()
                 query=text,
                 previous_querys=state["queries"],
                 previous_outputs=state["answers"],

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.config import DEFAULT_CAPTION_PROMPT
 from tests.support.browser import Browser, chromium_session, missing_browser
 
 try:
@@ -49,10 +50,12 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 BUCKET = "playground"
-PROMPT = "Describe this image in one sentence."
-EDITED_PROMPT = "What colour is the main object?"
+# The oracle's questions (ziya_model.oracle): where the oracle exists its answers are known.
+PROMPT = DEFAULT_CAPTION_PROMPT
+EDITED_PROMPT = "What is the main color of this picture?"
+RECALL = "What did you just say?"
 MESSAGES = "#chat-history [data-testid=user], #chat-history [data-testid=bot]"
-MAX_TOKENS = 6  # short answers: the tiny model's are meaningless anyway
+MAX_TOKENS = 24
 
 
 def _free_port() -> int:
@@ -102,6 +105,7 @@ def _pick(b: Browser, elem_id: str, choice: str) -> None:
 
 
 def _open_accordions(b: Browser, label: str) -> None:
+    """Click the visible accordions labelled `label` (opens them, or closes open ones)."""
     b.execute(
         "document.querySelectorAll('button.label-wrap').forEach(e => {"
         " if (e.innerText.includes(arguments[0]) && e.offsetParent) e.click(); })",
@@ -175,13 +179,26 @@ storage:
 
 
 @pytest.fixture(scope="module")
-def playground(tmp_path_factory, tiny_checkpoint, moto_endpoint):
-    """`ziya-batch playground` on the tiny checkpoint, in its own process; yields its URL."""
+def checkpoint(request, tiny_checkpoint):
+    """(checkpoint, known answers): the oracle where it exists (answers that read as sentences,
+    and are known), else the random-weight tiny checkpoint (no answer is known)."""
+    try:
+        from ziya_model.oracle import KNOWN_ANSWERS
+
+        return request.getfixturevalue("oracle_checkpoint"), KNOWN_ANSWERS
+    except (ImportError, pytest.FixtureLookupError):
+        return tiny_checkpoint, None
+
+
+@pytest.fixture(scope="module")
+def playground(tmp_path_factory, checkpoint, moto_endpoint):
+    """`ziya-batch playground` on a tiny checkpoint, in its own process; yields its URL."""
+    tiny = checkpoint[0]
     port = _free_port()
     log_path = tmp_path_factory.mktemp("playground") / "playground.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "jobs.cli", "playground", "--port", str(port),
-           "--visual", str(tiny_checkpoint.visual_dir), "--llm", str(tiny_checkpoint.llm_dir),
+           "--visual", str(tiny.visual_dir), "--llm", str(tiny.llm_dir),
            "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -205,8 +222,10 @@ def playground(tmp_path_factory, tiny_checkpoint, moto_endpoint):
             proc.wait()
 
 
-def test_chat_tab_in_chromium(tmp_path: Path, playground: str, photo_dir: Path):
+def test_chat_tab_in_chromium(tmp_path: Path, playground: str, photo_dir: Path, checkpoint):
     from tests.support.hostile import png_bomb
+
+    known = checkpoint[1]
 
     with chromium_session(tmp_path) as b:
         b.get(playground)
@@ -219,22 +238,26 @@ def test_chat_tab_in_chromium(tmp_path: Path, playground: str, photo_dir: Path):
         _wait(b, "return document.getElementById('chat-image-note').innerText.includes('600x400')",
               "the image to be taken")  # fmt: skip
         assert b.execute("return document.querySelector('#chat-image img') !== null")
-        _set_textbox(b, "chat-question", "What is in this picture?")
+        _set_textbox(b, "chat-question", EDITED_PROMPT)
         b.click(b.find("#chat-ask"))
         _wait(b, "return document.querySelectorAll('#chat-history [data-testid=bot]').length == 1",
               "the first answer")  # fmt: skip
         first = _messages(b)
-        assert first[0] == ["user", "What is in this picture?"] and first[1][0] == "bot"
+        assert first[0] == ["user", EDITED_PROMPT] and first[1][0] == "bot"
         assert first[1][1].strip(), "the answer is empty"
         assert "tokens in" in _text(b, "chat-stats")
 
-        # A second turn keeps the history.
-        _set_textbox(b, "chat-question", "And the colour?")
+        # A second turn keeps the history (the oracle answers it with its last answer).
+        _set_textbox(b, "chat-question", RECALL)
         b.click(b.find("#chat-ask"))
         _wait(b, "return document.querySelectorAll('#chat-history [data-testid=bot]').length == 2",
               "the second answer")  # fmt: skip
-        assert [m[0] for m in _messages(b)] == ["user", "bot", "user", "bot"]
+        turns = _messages(b)
+        assert [m[0] for m in turns] == ["user", "bot", "user", "bot"]
         assert "turn 2" in _text(b, "chat-stats")
+        if known:
+            colour = known["coffee"][EDITED_PROMPT]
+            assert [turns[1][1], turns[3][1]] == [colour, colour]
 
         # Another image clears the history.
         _pick(b, "chat-photo", "astronaut")
@@ -242,10 +265,13 @@ def test_chat_tab_in_chromium(tmp_path: Path, playground: str, photo_dir: Path):
               "the photograph to be taken")  # fmt: skip
         _wait(b, f"return document.querySelectorAll('{MESSAGES}').length == 0",
               "the history to be cleared")  # fmt: skip
-        _set_textbox(b, "chat-question", "Who is this?")
+        _set_textbox(b, "chat-question", PROMPT)
         b.click(b.find("#chat-ask"))
         _wait(b, "return document.querySelectorAll('#chat-history [data-testid=bot]').length == 1",
               "the answer about the new image")  # fmt: skip
+        if known:
+            assert _messages(b)[1][1] == known["astronaut"][PROMPT]
+        _open_accordions(b, "Generation settings")  # closes it: a shorter screenshot
         _screenshot(b, "playground-chat.png")
 
         # A decompression bomb (2.6 MB of PNG declaring 2.7 G pixels) gets a clear message.
@@ -265,10 +291,11 @@ def test_chat_tab_in_chromium(tmp_path: Path, playground: str, photo_dir: Path):
 
 
 def test_job_tab_in_chromium(tmp_path: Path, playground: str, s3_job: Path, moto_endpoint,
-                             tiny_checkpoint):  # fmt: skip
+                             checkpoint):  # fmt: skip
     from pipeline.config import apply_overrides, load_job, parse_job
 
-    job_path = _job_file(s3_job, moto_endpoint, tiny_checkpoint)
+    tiny, known = checkpoint
+    job_path = _job_file(s3_job, moto_endpoint, tiny)
     with chromium_session(tmp_path) as b:
         b.get(playground)
         b.click(_wait(b, "return document.querySelector('button[role=tab][data-tab-id=job]')",
@@ -294,6 +321,10 @@ def test_job_tab_in_chromium(tmp_path: Path, playground: str, s3_job: Path, moto
         assert len(ok) == 4 and all(r["question"] == PROMPT and r["answer"] for r in ok)
         assert all(r["thumbnail"] for r in ok) and all(r["previous"] == "" for r in rows)
         assert "6 answers for 6 of 6 rows" in _text(b, "job-results")
+        if known:
+            assert {r["id"]: r["answer"] for r in ok} == {
+                r["id"]: known[r["id"]][PROMPT] for r in ok
+            }
 
         # Edit the prompt and a generation setting, rerun: the new question, with the previous
         # answers beside.
@@ -308,6 +339,8 @@ def test_job_tab_in_chromium(tmp_path: Path, playground: str, s3_job: Path, moto
         for r in ok:
             assert again[r["id"]]["question"] == EDITED_PROMPT
             assert again[r["id"]]["previous"] == r["answer"]
+            if known:
+                assert again[r["id"]]["answer"] == known[r["id"]][EDITED_PROMPT]
 
         # Save: the job file with the edits, valid for `ziya-batch run`; the --set lines agree.
         b.click(b.find("#job-save"))
