@@ -144,6 +144,28 @@ def test_edits_are_validated_and_saved_as_job_file_or_overrides(tmp_path, tiny_c
         JobTrial.from_text("- a list", "x.yaml")
 
 
+def test_chat_refuses_broken_images_and_bombs_with_a_message(loaded, photo_dir):
+    pytest.importorskip("gradio")
+    from jobs.playground import Chat
+    from tests.support.hostile import png_bomb, truncated
+
+    chat = Chat(loaded)
+    photo = (photo_dir / "coffee.jpg").read_bytes()
+    cases = {
+        "bomb.png": (png_bomb(9000, 9000), "image too large: 9000x9000"),
+        "cut.jpg": (truncated(photo), "cannot decode"),
+        "notes.txt": (b"not an image at all", "not an image"),
+        "empty.jpg": (b"", "empty image"),
+    }
+    for label, (data, message) in cases.items():
+        preview, note, history, state = chat.set_image(data, label)
+        assert preview is None and history == [] and state["pixels"] is None
+        assert f"cannot use {label}" in note and message in note, note
+    # Asking without an image says so instead of answering.
+    _, history, _, stats = chat.ask("What is it?", state, [], *_chat_controls(SETTINGS))
+    assert history == [] and "upload or pick an image first" in stats
+
+
 def test_job_files_only_from_the_list(loaded):
     pytest.importorskip("gradio")
     from jobs.playground import JobTab, packaged_job_files
