@@ -189,11 +189,12 @@ def uploaded(root: Path, rel: str) -> bool:
 
 def _local_paths(job: JobConfig) -> list[str]:
     """Job fields that name local paths: fine on one machine, must be shared on a real cluster."""
-    uris = {"input.uri": job.input.uri, "output.uri": job.output.uri}
+    uris = {"input.uri": job.input.uri, "input.images": job.input.images}
+    uris |= {"output.uri": job.output.uri}
     uris |= {"model.visual": job.model.visual, "model.llm": job.model.llm}
     out = []
     for key, value in uris.items():
-        for uri in [value] if isinstance(value, str) else value:
+        for uri in [value] if isinstance(value, str) else value or []:
             if "://" not in uri or uri.startswith("file://"):
                 out.append(f"{key}={uri}")
     return out

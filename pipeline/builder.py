@@ -59,7 +59,8 @@ class Context:
 
 
 def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
-    """The job's allowed locations; by default the buckets / directories of the manifests."""
+    """The job's allowed locations; by default the buckets / directories of the manifests (a
+    location ending in `/` is a directory itself: input.images)."""
     allowed = list(job.limits.allowed_locations)
     if not allowed:
         for uri in manifest_files:
@@ -69,7 +70,8 @@ def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
                 allowed.append(f"{proto}://{bucket}/")
             else:
                 fs, path = filesystem(uri, job.storage)
-                allowed.append(fs._parent(path).rstrip("/") + "/")
+                folder = path if uri.endswith("/") else fs._parent(path)
+                allowed.append(folder.rstrip("/") + "/")
     allow_local = any(
         not is_remote(a) and not a.startswith(("http://", "https://")) for a in allowed
     )
@@ -112,7 +114,7 @@ def prepare(job: JobConfig) -> Context:
         model=identity,
         image_size=image_size,
         fingerprint=fingerprint,
-        policy=default_policy(job, manifest_plan.files),
+        policy=default_policy(job, manifest_plan.sources or manifest_plan.files),
         loader=ModelLoader(job),
     )
 

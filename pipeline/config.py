@@ -46,10 +46,33 @@ ManifestRole = Literal[
 ]
 
 
+DEFAULT_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
 class InputConfig(_Strict):
-    uri: str | list[str] = Field(
+    uri: str | list[str] | None = Field(
+        default=None,
         description="Manifest location: one Parquet file, a list of them, or a directory/prefix "
-        "(s3://, gs://, or a local path). Files are processed in sorted order."
+        "(s3://, gs://, or a local path). Files are processed in sorted order. Leave empty "
+        "with input.images.",
+    )
+    images: str | None = Field(
+        default=None,
+        description="Images without a manifest: a prefix (s3://bucket/photos/, gs://...) or a "
+        "local directory, listed recursively in key order; ids are the keys relative to it. The "
+        "listing is written as the run's manifest under OUT/_input/ (resume, retry_failed and "
+        "incremental work as with a Parquet manifest). Instead of input.uri.",
+    )
+    image_extensions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS),
+        min_length=1,
+        description="input.images: object names ending in one of these (case-insensitive, "
+        "without the dot) are images; other objects are skipped.",
+    )
+    glob: str | None = Field(
+        default=None,
+        description="input.images: only keys (relative to the prefix) matching this fnmatch "
+        "pattern, e.g. '2024/*' or '*_large.jpg' ('*' also matches '/').",
     )
     columns: dict[ManifestRole, str] = Field(
         default_factory=dict,
@@ -77,6 +100,14 @@ class InputConfig(_Strict):
                 )
             seen[col] = role
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputConfig:
+        if (self.uri is None) == (self.images is None):
+            raise ValueError("set exactly one of input.uri (manifests) and input.images (images)")
+        if self.images is not None and self.columns:
+            raise ValueError("input.columns applies to manifests, not to input.images")
+        return self
 
 
 class OutputConfig(_Strict):

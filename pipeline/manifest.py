@@ -72,6 +72,9 @@ class ManifestPlan:
     total_rows: int
     schema: pa.Schema  # the (common) manifest schema, the file's own column names
     columns: dict[str, str] | None = None  # role -> the file's column (input.columns resolved)
+    # Where the images are, for the default location policy (input.images: its prefix); None:
+    # the manifests' own buckets / directories.
+    sources: list[str] | None = None
 
     @property
     def passthrough_columns(self) -> list[str]:
@@ -223,7 +226,14 @@ def _read_ids(fs: Any, path: str, column: str = ID) -> pa.ChunkedArray:
 
 
 def plan(job: JobConfig) -> ManifestPlan:
-    """Validate every manifest file and cut it into shards; raises `ManifestError`."""
+    """Validate every manifest file and cut it into shards; raises `ManifestError`.
+
+    With `input.images`, the listing of the prefix is the manifest (`pipeline/listing.py`)."""
+    if job.input.images is not None:
+        from pipeline.listing import plan_images
+
+        return plan_images(job)
+    assert job.input.uri is not None, "input.uri or input.images (config validation)"
     files = list_manifest_files(job.input.uri, job.storage)
     mapping = dict(job.input.columns)
     resolved: dict[str, str] = {}

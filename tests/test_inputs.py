@@ -221,3 +221,131 @@ def test_img2dataset_parquet_and_own_names_end_to_end(
     assert sorted(rows) == ["10", "11", "12", "13"]
     assert [rows[k]["url"] for k in sorted(rows)] == uris
     assert Counter(r["status"] for r in rows.values()) == {"ok": 3, "fetch_error": 1}
+
+
+# -- images without a manifest (input.images) ---------------------------------------------------
+
+
+def _tree(root: Path, photo: bytes) -> None:
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "b.jpg").write_bytes(photo)
+    (root / "a.PNG").write_bytes(photo)
+    (root / "sub" / "c.jpeg").write_bytes(photo)
+    (root / "sub" / "deeper" / "d.jpg").write_bytes(photo)
+    (root / "sub.jpg").write_bytes(b"not an image")
+    (root / "notes.txt").write_text("not listed")
+
+
+def test_images_are_listed_sorted_and_written_as_the_runs_manifest(tmp_path, photo_dir):
+    from pipeline.builder import default_policy
+    from pipeline.stages.fetch import FetchStage
+
+    photo = sorted(photo_dir.glob("*.jpg"))[0].read_bytes()
+    root = tmp_path / "photos"
+    _tree(root, photo)
+    (root / "evil.jpg").symlink_to("/etc/hostname")
+    job = _job(tmp_path, "", input={"images": str(root) + "/"}, limits={})
+    p = plan(job)
+    # Key order (as S3 lists it): 'sub.jpg' < 'sub/...' since '.' < '/'.
+    ids = ["a.PNG", "b.jpg", "evil.jpg", "sub.jpg", "sub/c.jpeg", "sub/deeper/d.jpg"]
+    assert p.total_rows == 6 and len(p.shards) == 3
+    assert p.files[0].startswith(str(tmp_path / "out" / "_input" / "manifest-00000-"))
+    listing = pq.read_table(p.files[0])
+    assert listing.column("id").to_pylist() == ids
+    assert listing.column("image").to_pylist() == [f"{root}/{k}" for k in ids]
+    assert p.passthrough_columns == ["image", "size", "version"]
+    # Rows read and fetched as a manifest's would be, under the same location policy: the
+    # symlink out of the directory is refused without being read.
+    policy = default_policy(job, p.sources)
+    shards = pa.Table.from_pylist(
+        [{"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end} for s in p.shards]
+    )
+    fetched = FetchStage(job, policy, "f")(ReadStage(job)(shards)).to_pylist()
+    status = {r["id"]: r["status"] for r in fetched}
+    assert status["evil.jpg"] == "invalid_path" and status["b.jpg"] == "ok"
+    # The same listing again is not written again; a new object makes a new listing file.
+    before = {f: Path(f).stat().st_mtime_ns for f in p.files}
+    assert plan(job).files == p.files and {f: Path(f).stat().st_mtime_ns for f in p.files} == before
+    (root / "sub" / "e.jpg").write_bytes(photo)
+    again = plan(job)
+    assert again.total_rows == 7 and again.files != p.files
+    assert {s.shard_id for s in again.shards}.isdisjoint({s.shard_id for s in p.shards})
+
+
+def test_images_glob_extensions_and_chunks(tmp_path, photo_dir, monkeypatch):
+    from pipeline import listing
+
+    photo = sorted(photo_dir.glob("*.jpg"))[0].read_bytes()
+    root = tmp_path / "photos"
+    _tree(root, photo)
+    job = _job(tmp_path, "", input={"images": str(root), "glob": "sub/*"})
+    assert pq.read_table(plan(job).files[0]).column("id").to_pylist() == [
+        "sub/c.jpeg",
+        "sub/deeper/d.jpg",
+    ]
+    job = _job(tmp_path, "", input={"images": str(root), "image_extensions": ["txt"]})
+    assert pq.read_table(plan(job).files[0]).column("id").to_pylist() == ["notes.txt"]
+    # Listing files of a whole number of shards each (2 rows a shard -> 4 a file here).
+    monkeypatch.setattr(listing, "LISTING_CHUNK_ROWS", 3)
+    p = plan(_job(tmp_path, "", input={"images": str(root)}))
+    assert [pq.read_metadata(f).num_rows for f in p.files] == [4, 1]
+    assert [(s.start, s.end) for s in p.shards] == [(0, 2), (2, 4), (0, 1)]
+    with pytest.raises(ManifestError, match=r"holds no images \(6 objects"):
+        plan(_job(tmp_path, "", input={"images": str(root), "image_extensions": ["gif"]}))
+    base = {"output": {"uri": "/o"}, "model": {"visual": "/v", "llm": "/l"}}
+    with pytest.raises(JobConfigError, match=r"exactly one of input\.uri"):
+        parse_job({**base, "input": {"uri": "/m", "images": "/i"}})
+
+
+@pytest.mark.slow
+def test_images_prefix_end_to_end_incremental(
+    ray_cluster, moto_endpoint, bucket, photo_dir, tiny_checkpoint, tmp_path
+):
+    """A prefix with a nested prefix, a non-image object and a broken image; an object added
+    before an incremental rerun is the only one labeled."""
+    from pipeline.builder import run
+    from pipeline.layout import read_output
+    from pipeline.weights import ModelLoader
+    from tests.support import s3
+    from tests.support.counting import CountingLoader, answered_rows
+    from tests.support.fault_jobs import make_job
+
+    photos = sorted(photo_dir.glob("*.jpg"))
+    s3.upload_file(moto_endpoint, photos[0], bucket, "photos/a.jpg")
+    s3.upload_file(moto_endpoint, photos[1], bucket, "photos/nested/deeper/b.jpg")
+    s3.upload_file(moto_endpoint, photos[2], bucket, "photos/nested/c.JPG")
+    s3.put_bytes(moto_endpoint, bucket, "photos/broken.jpg", b"\xff\xd8 truncated")
+    s3.put_bytes(moto_endpoint, bucket, "photos/nested/meta.json", b"{}")
+    s3.upload_file(moto_endpoint, photos[3], bucket, "photos-other/x.jpg")  # not under photos/
+
+    def job_for():
+        data = make_job(moto_endpoint, bucket, tiny_checkpoint, "unused", "out/photos", 2)
+        return data.model_copy(
+            update={
+                "input": data.input.model_copy(
+                    update={"uri": None, "images": f"s3://{bucket}/photos/"}
+                ),
+                "run": data.run.model_copy(update={"mode": "incremental"}),
+            }
+        )
+
+    job = job_for()
+    log1 = tmp_path / "run1.jsonl"
+    first = run(job, loader=CountingLoader(ModelLoader(job), str(log1)))
+    out = read_output(job.output.uri, job.storage)
+    rows = {r["id"]: r for r in out.to_pylist()}
+    assert sorted(rows) == ["a.jpg", "broken.jpg", "nested/c.JPG", "nested/deeper/b.jpg"]
+    assert Counter(r["status"] for r in rows.values()) == {"ok": 3, "decode_error": 1}
+    assert rows["a.jpg"]["image"] == f"s3://{bucket}/photos/a.jpg"
+    assert first.rows_in == 4 and answered_rows(log1) == 3
+    listing = s3.client(moto_endpoint).list_objects_v2(Bucket=bucket, Prefix="out/photos/_input/")
+    assert len(listing["Contents"]) == 1
+
+    s3.upload_file(moto_endpoint, photos[4], bucket, "photos/nested/new.jpg")
+    log2 = tmp_path / "run2.jsonl"
+    second = run(job, loader=CountingLoader(ModelLoader(job), str(log2)))
+    assert answered_rows(log2) == 1  # only the new object reached the model
+    assert second.statuses.get("ok") == 1
+    out = read_output(job.output.uri, job.storage)
+    ids = out.column("id").to_pylist()
+    assert sorted(ids) == sorted([*rows, "nested/new.jpg"]) and len(ids) == len(set(ids))
