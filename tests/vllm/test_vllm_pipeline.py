@@ -104,6 +104,18 @@ def test_vllm_job_matches_the_transformers_job_row_for_row(ray_cluster, bucket):
     assert engine["cached_prompt_tokens"] >= 32 * 3 and 0 < engine["prefix_cache_hit_rate"] < 1
     assert 0 < engine["busy_fraction"] <= 1
     print(f"vllm e2e engine figures: {engine}")
+    # The efficiency section (both engines): vLLM's hit rate and its own busy figure.
+    eff = summary.efficiency
+    assert eff["engine"] == "vllm" and eff["per"] == "model actor"
+    assert eff["prefix_cache_hit_rate"] == engine["prefix_cache_hit_rate"]
+    assert eff["busy_fraction"] == engine["busy_fraction"] and eff["busy_s"] == engine["busy_s"]
+    assert eff["output_tokens_per_s"] > 0 and eff["images_per_s_per_device"] > 0
+    assert eff["roofline_fraction"] is None  # no GPU, no resources.gpu_type
+    ref = reference.efficiency
+    assert ref["engine"] == "transformers" and ref["prefix_cache_hit_rate"] is None
+    assert 0 < ref["busy_fraction"] <= 1
+    print(f"transformers e2e efficiency figures: {ref}")
+    print(f"vllm e2e efficiency figures: {eff}")
 
     # A finished job rerun does nothing (resume skips every committed shard).
     again = run(job)
