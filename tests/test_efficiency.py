@@ -194,3 +194,21 @@ def test_summary_reads_the_llm_config(tiny_checkpoint):
     cfg = json.loads((tiny_checkpoint.llm_dir / "config.json").read_text())
     eff = efficiency.summarize(job, {}, tokens=100, wall_s=1.0)
     assert eff["roofline_inputs"]["llm_params"] == roofline.llama_params(cfg)
+
+
+def test_report_shows_the_efficiency_figures(tmp_path):
+    from pipeline.report import load_run, render
+    from tests.support.run_layout import write_layout
+
+    layout = write_layout(tmp_path / "out", tmp_path / "images")
+    path = layout.out / "summary.json"
+    summary = json.loads(path.read_text())
+    job = _job(resources={"gpus_per_actor": 1, "gpu_type": "H200"})
+    totals = {"images": 24, "busy_s": 3.0, "actor_wall_s": 4.0}
+    summary["efficiency"] = efficiency.summarize(job, totals, 126, 4.0, ZIYA_LLM)
+    path.write_text(json.dumps(summary))
+    text = render(load_run(str(layout.out), sample=8))
+    assert "<th>images/s per GPU</th><td>6.00</td>" in text
+    assert "<th>engine busy fraction</th><td>0.750</td>" in text
+    assert "<th>prefix-cache hit rate</th><td>n/a</td>" in text
+    assert "(H200)</td>" in text
