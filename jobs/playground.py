@@ -67,39 +67,42 @@ CSS = """
 # -- model and inputs ----------------------------------------------------------------------------
 
 
-def load_model(args) -> tuple[LoadedModel, str]:
-    """The process's one model, and a line saying what it is."""
+def load_model(args) -> tuple[LoadedModel, str, list[str]]:
+    """The process's one model, a line saying what it is, and questions it knows (oracle)."""
     from ziya_model import load_ziya
     from ziya_model.loading import model_identity
 
+    questions: list[str] = []
     if args.visual is not None:
         visual, llm, dtype, device, note = args.visual, args.llm, args.dtype, args.device, ""
     else:
-        (visual, llm), note = _tiny_checkpoint(random_weights=args.tiny)
+        (visual, llm), note, questions = _tiny_checkpoint(random_weights=args.tiny)
         dtype, device = "fp32", "cpu"
     model, tokenizer, processor = load_ziya(visual, llm, dtype=dtype, device=device)
     name = model_identity(visual, llm)
     loaded = LoadedModel(model, tokenizer, processor, name, str(visual), str(llm))
-    return loaded, f"{name} ({note})" if note else name
+    return loaded, f"{name} ({note})" if note else name, questions
 
 
-def _tiny_checkpoint(random_weights: bool) -> tuple[tuple[Path, Path], str]:
+def _tiny_checkpoint(random_weights: bool) -> tuple[tuple[Path, Path], str, list[str]]:
     """The oracle (a tiny model trained on the photographs) where it exists, else random weights."""
     try:
-        from ziya_model.oracle import cached_oracle_checkpoint
+        from ziya_model import oracle
     except ImportError:
         random_weights = True
     if not random_weights:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         print("the oracle checkpoint (trained once, about a minute, then cached)", flush=True)
-        tiny = cached_oracle_checkpoint(cache / "ziya-batch" / "oracle")
+        tiny = oracle.cached_oracle_checkpoint(cache / "ziya-batch" / "oracle")
         note = "tiny oracle: knows a few questions about the scikit-image photographs, no more"
+        questions = [*oracle.QUESTIONS, oracle.RECALL_QUESTION]
     else:
         from ziya_model import write_tiny_checkpoint
 
         tiny = write_tiny_checkpoint(tempfile.mkdtemp(prefix="ziya-playground-tiny-"))
         note = "tiny random-weight model: the answers are meaningless text"
-    return (tiny.visual_dir, tiny.llm_dir), note
+        questions = []
+    return (tiny.visual_dir, tiny.llm_dir), note, questions
 
 
 @functools.cache
@@ -432,8 +435,13 @@ def _generation_controls(defaults: GenerationSettings, prefix: str) -> list:
     return controls
 
 
-def build_app(loaded: LoadedModel, model_line: str, job_files: dict[str, Path] | None = None):
-    """The gradio Blocks of both tabs (not launched)."""
+def build_app(
+    loaded: LoadedModel,
+    model_line: str,
+    job_files: dict[str, Path] | None = None,
+    questions: list[str] | None = None,
+):
+    """The gradio Blocks of both tabs (not launched); `questions` are offered as examples."""
     import gradio as gr
 
     chat, jobs = Chat(loaded), JobTab(loaded, dict(job_files or {}))
@@ -466,6 +474,8 @@ def build_app(loaded: LoadedModel, model_line: str, job_files: dict[str, Path] |
                         height=380,
                     )
                     question = gr.Textbox(label="Question", elem_id="chat-question", lines=1)
+                    if questions:
+                        gr.Examples([[q] for q in questions], question, label="Questions it knows")
                     with gr.Row():
                         ask = gr.Button("Ask", variant="primary", elem_id="chat-ask")
                         clear = gr.Button("Clear history", elem_id="chat-clear")
@@ -568,8 +578,8 @@ def serve(args) -> int:
         ) from None
     auth = read_auth_file(args.auth_file) if args.auth_file else None
     job_files = {**packaged_job_files(), **{Path(p).name: Path(p) for p in args.job}}
-    loaded, model_line = load_model(args)
-    app = build_app(loaded, model_line, job_files)
+    loaded, model_line, questions = load_model(args)
+    app = build_app(loaded, model_line, job_files, questions)
     app.queue(default_concurrency_limit=1, max_size=64)
     print(f"playground on http://{args.host}:{args.port}  model: {model_line}", flush=True)
     app.launch(
