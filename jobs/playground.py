@@ -1,7 +1,7 @@
 """`ziya-batch playground`: the seed's web demo (Chat) and a job's prompt tried on sample rows (Job).
 
     pip install 'ziya-batch[playground]'
-    ziya-batch playground                                   # tiny model, http://127.0.0.1:7860
+    ziya-batch playground                          # the tiny oracle, on http://127.0.0.1:7860
     ziya-batch playground --visual /models/ziya-visual --llm /models/ziya-llama-13b --dtype bf16
     ziya-batch playground --job jobs/caption_dataset.yaml --host 0.0.0.0 --auth-file users.txt
 
@@ -57,7 +57,7 @@ GENERATION_FIELDS = ("do_sample", *SLIDERS)
 CSS = """
 #job-results table { border-collapse: collapse; width: 100%; font-size: 14px; }
 #job-results td, #job-results th { border-bottom: 1px solid #ddd; padding: 6px; vertical-align: top; text-align: left; }
-#job-results .previous { color: #777; }
+#job-results .previous { color: #666; }
 #job-results .status-bad { color: #b00020; font-weight: 600; }
 .note-error { color: #b00020; font-weight: 600; white-space: pre-wrap; }
 .note-ok { color: #1b5e20; white-space: pre-wrap; }
@@ -592,5 +592,6 @@ def serve(args) -> int:
         max_file_size=MAX_UPLOAD_BYTES,
         quiet=True,
         footer_links=[],
+        css=CSS,
     )
     return 0

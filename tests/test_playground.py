@@ -229,8 +229,14 @@ def test_serves_no_files_but_its_own_and_asks_for_a_login(tmp_path, loaded):
             app.close()
 
 
-def test_cli_binds_loopback_by_default():
-    from jobs.cli import build_parser
+def test_cli_binds_loopback_by_default_and_loads_the_tiny_model():
+    from jobs.cli import build_parser, main
+    from jobs.playground import load_model
 
     args = build_parser().parse_args(["playground"])
     assert args.host == "127.0.0.1" and args.visual is None and args.auth_file is None
+    with pytest.raises(SystemExit, match="--visual with --llm"):
+        main(["playground", "--visual", "/models/v"])
+    loaded, line, questions = load_model(build_parser().parse_args(["playground", "--tiny"]))
+    assert "random-weight" in line and questions == []
+    assert loaded.processor.image_size == loaded.model.config.vision_config.image_size
