@@ -1,7 +1,9 @@
 """Shared fixtures: one local Ray for the whole session, a tiny checkpoint, real photographs.
 
 Ray is started once (it costs seconds and about 1 GB): tests that need it take `ray_cluster`.
-Ray's token auth is disabled for the test cluster only, and everything binds to 127.0.0.1.
+Ray's token auth is disabled for the test cluster only. moto and the test servers bind to
+127.0.0.1; the session Ray is started plainly (the loopback-only setup of `ziya-batch run` is
+tested in tests/test_exposure.py).
 """
 
 from __future__ import annotations
