@@ -94,6 +94,13 @@ def _add_playground(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm", default=None, help="merged Ziya-LLaMA-13B dir (with --visual)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument(
+        "--engine",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="transformers (the reference) or vllm (as ziya-chat --engine; no beam search); "
+        "the Job tab's answers come from this engine whatever the job names",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth-file", default=None, help="basic auth: a file of user:password lines")
@@ -106,6 +113,11 @@ def _add_playground(sub: argparse._SubParsersAction) -> None:
 def _playground(args: argparse.Namespace) -> int:
     if (args.visual is None) != (args.llm is None) or (args.tiny and args.visual):
         raise SystemExit("give --visual with --llm (real weights), or neither (--tiny)")
+    if args.engine == "vllm":
+        from ziya_model import vllm
+
+        if not vllm.installed():
+            raise SystemExit(f"--engine vllm: {vllm.NOT_INSTALLED}")
     from jobs.playground import serve
 
     return serve(args)

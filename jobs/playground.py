@@ -4,10 +4,12 @@
     ziya-batch playground                          # the tiny oracle, on http://127.0.0.1:7860
     ziya-batch playground --visual /models/ziya-visual --llm /models/ziya-llama-13b --dtype bf16
     ziya-batch playground --job jobs/caption_dataset.yaml --host 0.0.0.0 --auth-file users.txt
+    ziya-batch playground ... --engine vllm        # both tabs on ZiyaVLLMEngine (needs vLLM)
 
 Chat: upload or pick a photograph and ask about it, turn after turn; the history is cleared when
-the image changes. Answers come from `ZiyaBlip2ForCausalLM.chat()` with the generation settings
-of `GenerationSettings`; the image goes through `decode_image` (the pipeline's pixel limit), so a
+the image changes. Answers come from `ZiyaBlip2ForCausalLM.chat()` (or, with `--engine vllm`,
+from `ZiyaVLLMEngine`, as `ziya-chat --engine vllm`) with the generation settings of
+`GenerationSettings`; the image goes through `decode_image` (the pipeline's pixel limit), so a
 decompression bomb or a broken file is refused with a message. Job: open a job file, sample rows
 of its manifest, run its task through the pipeline's own stages (`jobs/trial.py`), edit the
 prompt and settings, rerun beside the previous answers, then save the edited job file or copy
@@ -54,6 +56,7 @@ SLIDERS = {
     "no_repeat_ngram_size": (0, 6, 1),
 }
 GENERATION_FIELDS = ("do_sample", *SLIDERS)
+NO_BEAMS = "the vLLM engine has no beam search: set num_beams to 1 (or use --engine transformers)"
 CSS = """
 #job-results table { border-collapse: collapse; width: 100%; font-size: 14px; }
 #job-results td, #job-results th { border-bottom: 1px solid #ddd; padding: 6px; vertical-align: top; text-align: left; }
@@ -69,19 +72,36 @@ CSS = """
 
 def load_model(args) -> tuple[LoadedModel, str, list[str]]:
     """The process's one model, a line saying what it is, and questions it knows (oracle)."""
-    from ziya_model import load_ziya
-    from ziya_model.loading import model_identity
-
     questions: list[str] = []
     if args.visual is not None:
         visual, llm, dtype, device, note = args.visual, args.llm, args.dtype, args.device, ""
     else:
         (visual, llm), note, questions = _tiny_checkpoint(random_weights=args.tiny)
         dtype, device = "fp32", "cpu"
-    model, tokenizer, processor = load_ziya(visual, llm, dtype=dtype, device=device)
+    loaded = open_model(visual, llm, dtype, device, args.engine)
+    line = f"{loaded.name} ({note})" if note else loaded.name
+    if loaded.engine != "transformers":
+        line += f" on the {loaded.engine} engine"
+    return loaded, line, questions
+
+
+def open_model(visual, llm, dtype="auto", device="auto", engine="transformers") -> LoadedModel:
+    """The model on `engine`: transformers (`load_ziya`) or vLLM (as `ziya-chat --engine vllm`,
+    which picks its device itself)."""
+    from ziya_model.loading import model_identity
+
+    if engine == "vllm":
+        from pipeline.stages.infer_vllm import _EngineModel
+        from ziya_model.chat_cli import load_vllm
+
+        vllm_engine, tokenizer, processor = load_vllm(Path(visual), Path(llm), dtype)
+        model = _EngineModel(vllm_engine)  # the stand-in VLLMInferStage expects
+    else:
+        from ziya_model import load_ziya
+
+        model, tokenizer, processor = load_ziya(visual, llm, dtype=dtype, device=device)
     name = model_identity(visual, llm)
-    loaded = LoadedModel(model, tokenizer, processor, name, str(visual), str(llm))
-    return loaded, f"{name} ({note})" if note else name, questions
+    return LoadedModel(model, tokenizer, processor, name, str(visual), str(llm), engine)
 
 
 def _tiny_checkpoint(random_weights: bool) -> tuple[tuple[Path, Path], str, list[str]]:
@@ -199,18 +219,10 @@ class Chat:
             settings = settings_from(list(controls))
         except ValueError as err:
             return question, history, state, _note(str(err))
-        loaded = self.loaded
+        if self.loaded.engine == "vllm" and settings.num_beams > 1:
+            return question, history, state, _note(NO_BEAMS)
         t0 = time.perf_counter()
-        with loaded.lock:
-            # chat() itself returns only the text; chat_answer is chat() with the token count.
-            got = loaded.model.chat_answer(
-                tokenizer=loaded.tokenizer,
-                pixel_values=state["pixels"],  # moved to the model's device by chat()
-                query=text,
-                previous_querys=state["queries"],
-                previous_outputs=state["answers"],
-                **settings.model_dump(),
-            )
+        got = self._answer(text, state, settings)
         seconds = time.perf_counter() - t0
         answer = got.text
         state = {
@@ -229,6 +241,30 @@ class Chat:
             ok=True,
         )
         return "", history, state, stats
+
+    def _answer(self, text: str, state: dict, settings: GenerationSettings):
+        """The `Answer` (text, tokens, mean log-prob) to `text` after the state's turns."""
+        loaded = self.loaded
+        with loaded.lock:
+            if loaded.engine == "vllm":
+                from ziya_model.vllm.engine import Request
+
+                # Exact mode, as ziya-chat: the processor's normalized float32 [3, S, S].
+                image = state["pixels"][0].numpy()
+                request = Request(image, text, state["queries"], state["answers"])
+                got = loaded.model.engine.answer([request], settings)[0]
+                if isinstance(got, Exception):
+                    raise got
+                return got
+            # chat() itself returns only the text; chat_answer is chat() with the token count.
+            return loaded.model.chat_answer(
+                tokenizer=loaded.tokenizer,
+                pixel_values=state["pixels"],  # moved to the model's device by chat()
+                query=text,
+                previous_querys=state["queries"],
+                previous_outputs=state["answers"],
+                **settings.model_dump(),
+            )
 
     @staticmethod
     def clear(state: dict):
@@ -267,9 +303,11 @@ class JobTab:
             f"{trial.source}: {job.task.kind} job, manifest {job.input.uri}. "
             f"Answers come from {model}."
         )
-        engine = getattr(job.model, "engine", "transformers")
-        if engine != "transformers":
-            summary += f" The job runs on {engine}; here the transformers engine answers."
+        if job.model.engine != self.loaded.engine:
+            summary += (
+                f" The job runs on {job.model.engine}; here the {self.loaded.engine} engine "
+                "answers (ziya-batch playground --engine)."
+            )
         gen = job.generation.model_dump()
         return (
             {"trial": trial, "previous": None},
@@ -582,16 +620,20 @@ def serve(args) -> int:
     app = build_app(loaded, model_line, job_files, questions)
     app.queue(default_concurrency_limit=1, max_size=64)
     print(f"playground on http://{args.host}:{args.port}  model: {model_line}", flush=True)
-    app.launch(
-        server_name=args.host,
-        server_port=args.port,
-        auth=auth,
-        share=False,
-        ssr_mode=False,
-        show_error=False,
-        max_file_size=MAX_UPLOAD_BYTES,
-        quiet=True,
-        footer_links=[],
-        css=CSS,
-    )
+    try:
+        app.launch(
+            server_name=args.host,
+            server_port=args.port,
+            auth=auth,
+            share=False,
+            ssr_mode=False,
+            show_error=False,
+            max_file_size=MAX_UPLOAD_BYTES,
+            quiet=True,
+            footer_links=[],
+            css=CSS,
+        )
+    finally:
+        if loaded.engine == "vllm":
+            loaded.model.engine.close()
     return 0

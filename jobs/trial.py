@@ -9,7 +9,8 @@ The rows go through `ReadStage` -> `FetchStage` (with the job's location policy,
 outside its allowed locations is refused as `invalid_path`, exactly as in the job) ->
 `PreprocessStage` -> `InferStage`, called directly on small Arrow tables: what the playground
 shows is what `ziya-batch run` writes for those rows. Only the model differs when the job names
-another one: every answer here comes from the model the playground was started with.
+another one: every answer here comes from the model (and engine: `InferStage`, or
+`VLLMInferStage` for a vLLM playground) the playground was started with.
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ SHARD_SCHEMA = pa.schema(
 
 @dataclass
 class LoadedModel:
-    """The one model of a playground process; `lock` keeps model calls one at a time."""
+    """The one model of a playground process; `lock` keeps model calls one at a time.
+
+    With `engine="vllm"`, `model` is the vLLM stage's stand-in (`model.engine` is the
+    `ZiyaVLLMEngine`) and trials run through `VLLMInferStage`.
+    """
 
     model: Any
     tokenizer: Any
@@ -58,6 +63,7 @@ class LoadedModel:
     name: str
     visual_dir: str = ""
     llm_dir: str = ""
+    engine: str = "transformers"  # or "vllm"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def as_loader(self):
@@ -192,10 +198,13 @@ class JobTrial:
         pixels = PreprocessStage(image_size, job.limits.max_image_pixels, job.preprocess.mode)(
             fetched
         )
+        stage = InferStage
+        if model.engine == "vllm":
+            from pipeline.stages.infer_vllm import VLLMInferStage
+
+            stage = VLLMInferStage
         with model.lock:
-            answers = InferStage(model.as_loader(), job.generation, None, job.preprocess.mode)(
-                pixels
-            )
+            answers = stage(model.as_loader(), job.generation, None, job.preprocess.mode)(pixels)
         thumbs = _thumbnails(fetched, job.limits.max_image_pixels)
         images = dict(zip(fetched.column("shard").to_pylist(),
                           fetched.column("image").to_pylist(), strict=True))  # fmt: skip

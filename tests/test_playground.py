@@ -21,6 +21,7 @@ import yaml
 
 from jobs.trial import Edits, JobTrial, LoadedModel
 from pipeline.config import JobConfigError, apply_overrides, parse_job
+from ziya_model import vllm
 
 QUESTION = "Describe this image in one sentence."
 FOLLOW_UP = "And the colour?"
@@ -240,3 +241,11 @@ def test_cli_binds_loopback_by_default_and_loads_the_tiny_model():
     loaded, line, questions = load_model(build_parser().parse_args(["playground", "--tiny"]))
     assert "random-weight" in line and questions == []
     assert loaded.processor.image_size == loaded.model.config.vision_config.image_size
+
+
+@pytest.mark.skipif(vllm.installed(), reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_says_so():
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit, match="--engine vllm: vLLM is not installed"):
+        main(["playground", "--tiny", "--engine", "vllm"])

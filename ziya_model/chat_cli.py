@@ -12,7 +12,6 @@ end of input) exits. Greedy decoding unless `--do-sample`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -56,11 +55,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.visual is not None and args.llm is None:
         parser.error("--visual needs --llm (the merged Ziya-LLaMA-13B directory)")
     if args.engine == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            parser.error(
-                "--engine vllm: vLLM is not installed in this environment (pip install "
-                "'ziya-batch[vllm]' on a GPU machine; on CPU use .venv-vllm, see dev.sh)"
-            )
+        from . import vllm
+
+        if not vllm.installed():
+            parser.error(f"--engine vllm: {vllm.NOT_INSTALLED}")
         if args.num_beams > 1:
             parser.error("--engine vllm has no beam search: use --num-beams 1")
     return args
@@ -133,13 +131,13 @@ class _Session:
         return got.text
 
 
-def _load_vllm(visual: Path, llm: Path, args: argparse.Namespace):
+def load_vllm(visual: Path, llm: Path, dtype: str = "auto"):
     """(engine, tokenizer, processor) for --engine vllm; CPU settings when torch sees no GPU."""
     from .processing import ZiyaImageProcessor
     from .vllm.engine import EngineOptions, ZiyaVLLMEngine
 
     gpu = torch.cuda.is_available()
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if gpu else "fp32")
+    dtype = dtype if dtype != "auto" else ("bf16" if gpu else "fp32")
     cpu = {} if gpu else {"enforce_eager": True, "block_size": 32, "cpu_kvcache_gib": 1}
     # In-process engine core: ~2 s to start instead of ~24 s, and one session needs no more.
     options = EngineOptions(dtype=dtype, max_num_seqs=4, multiprocessing=False, **cpu)
@@ -194,7 +192,7 @@ def main(
         else:
             visual, llm = args.visual, args.llm
         if args.engine == "vllm":
-            model, tokenizer, processor = _load_vllm(Path(visual), Path(llm), args)
+            model, tokenizer, processor = load_vllm(Path(visual), Path(llm), args.dtype)
         else:
             model, tokenizer, processor = load_ziya(
                 visual, llm, dtype=args.dtype, device=args.device

@@ -15,7 +15,19 @@ Importing this package imports nothing from vLLM; only `register` and the engine
 
 from __future__ import annotations
 
+import importlib.util
+
 from .model_dir import ARCHITECTURE
+
+NOT_INSTALLED = (
+    "vLLM is not installed in this environment (pip install 'ziya-batch[vllm]' on a GPU "
+    "machine; on CPU use .venv-vllm, see dev.sh)"
+)
+
+
+def installed() -> bool:
+    """Whether vLLM can be imported here (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
 
 
 def register() -> None:
