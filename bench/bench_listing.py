@@ -6,7 +6,7 @@
 Starts moto on 127.0.0.1 (S3 over HTTP, as the tests do), fills s3://listing-bench/photos/ with
 `--objects` empty `.jpg` keys in 100 nested prefixes (written into moto's backend directly, which
 takes seconds instead of minutes of PUTs) plus one non-image object per prefix, then times
-`pipeline.manifest.plan(job)`: the paginated listing (ListObjectsV2, 1,000 keys a page), the
+`pipeline.planning.manifest.plan(job)`: the paginated listing (ListObjectsV2, 1,000 keys a page), the
 listing files written to OUT/_input/ and the shard plan. Prints the time, the per-object cost
 and the driver's RSS growth, the same again for a second plan (a rerun: the listing files exist
 and are not written again), then the Python heap peak of a third plan under tracemalloc (its
@@ -65,9 +65,9 @@ def main() -> None:
 
     from moto.s3.models import s3_backends
 
-    from pipeline import listing
     from pipeline.config import parse_job
-    from pipeline.manifest import plan
+    from pipeline.planning import listing
+    from pipeline.planning.manifest import plan
     from tests.support.s3 import REGION, aws_env, create_bucket, start_moto
 
     if args.chunk:

@@ -60,7 +60,7 @@ def make_job(work: Path, manifest: Path, args):
 
 def run_pipeline(job, log: Path) -> dict:
     from pipeline.builder import run
-    from pipeline.weights import ModelLoader
+    from pipeline.runtime.weights import ModelLoader
 
     t0 = time.time()
     summary = run(job, loader=TimedLoader(ModelLoader(job), str(log)))
@@ -104,8 +104,8 @@ def run_model_alone(job, batches: list[pa.Table]) -> dict:
     import torch
 
     from pipeline.builder import _generation
+    from pipeline.runtime.weights import ModelLoader
     from pipeline.stages.infer import InferStage
-    from pipeline.weights import ModelLoader
 
     torch.set_num_threads(max(1, int(job.resources.cpus_per_actor)))
     stage = InferStage(ModelLoader(job), _generation(job), job.resources.batch_size)

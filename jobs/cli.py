@@ -66,7 +66,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.report import write_report
+    from pipeline.output.report import write_report
 
     path = write_report(
         args.output,

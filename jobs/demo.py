@@ -83,7 +83,7 @@ def write_job(
 def run_demo(directory: str) -> int:
     from jobs.run import format_summary, run_job
     from pipeline.config import load_job
-    from pipeline.layout import read_output
+    from pipeline.output.layout import read_output
     from ziya_model.oracle import KNOWN_ANSWERS, cached_oracle_checkpoint
 
     root = Path(directory)

@@ -36,8 +36,8 @@ from typing import Any
 
 from jobs.trial import MAX_SAMPLE, Edits, JobTrial, LoadedModel, Sample
 from pipeline.config import JobConfigError
-from pipeline.redact import redact
-from pipeline.text import clean_text
+from pipeline.guards.redact import redact
+from pipeline.guards.text import clean_text
 from ziya_model.generation import GenerationSettings
 from ziya_model.processing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLarge, decode_image
 

@@ -16,10 +16,10 @@ import time
 
 from pipeline.builder import Summary, prepare, run
 from pipeline.config import JobConfig, JobConfigError, load_job
-from pipeline.efficiency import rows as efficiency_rows
-from pipeline.manifest import ManifestError
-from pipeline.redact import RedactingFilter, redact
-from pipeline.writer import JobAborted, Tally
+from pipeline.guards.redact import RedactingFilter, redact
+from pipeline.output.writer import JobAborted, Tally
+from pipeline.planning.manifest import ManifestError
+from pipeline.runtime.efficiency import rows as efficiency_rows
 
 
 def init_ray(address: str | None = None) -> None:
@@ -124,7 +124,7 @@ def format_summary(summary: Summary) -> str:
         ("wall time", f"{summary.wall_s:.1f} s"),
         ("model", summary.model),
     ]
-    # How well the model devices were used (pipeline/efficiency.py), both engines.
+    # How well the model devices were used (pipeline/runtime/efficiency.py), both engines.
     rows += efficiency_rows(summary.efficiency)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

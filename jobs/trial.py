@@ -33,7 +33,7 @@ import yaml
 from pipeline.builder import default_policy
 from pipeline.columns import OK
 from pipeline.config import JobConfig, JobConfigError, parse_job
-from pipeline.manifest import ManifestPlan, plan
+from pipeline.planning.manifest import ManifestPlan, plan
 from pipeline.stages.fetch import FetchStage
 from pipeline.stages.infer import InferStage
 from pipeline.stages.preprocess import PreprocessStage

@@ -24,20 +24,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import layout
 from pipeline.columns import FAILURE_STATUSES, OK
 from pipeline.config import JobConfig
-from pipeline.locations import LocationPolicy
-from pipeline.manifest import ManifestError, ManifestPlan, Shard, plan
-from pipeline.metrics import DriverMetrics
-from pipeline.roster import ActorRoster
+from pipeline.guards.locations import LocationPolicy
+from pipeline.output import layout
+from pipeline.output.writer import OUTPUT_COLUMNS, ShardCommitter
+from pipeline.planning.manifest import ManifestError, ManifestPlan, Shard, plan
+from pipeline.runtime.metrics import DriverMetrics
+from pipeline.runtime.roster import ActorRoster
+from pipeline.runtime.weights import ModelLoader, model_identity, read_visual_config
 from pipeline.stages.fetch import FetchStage, key_as_int
 from pipeline.stages.infer import InferStage
 from pipeline.stages.preprocess import PreprocessStage
 from pipeline.stages.read import ReadStage
 from pipeline.storage import filesystem, is_remote, join, protocol_of
-from pipeline.weights import ModelLoader, model_identity, read_visual_config
-from pipeline.writer import OUTPUT_COLUMNS, ShardCommitter
 
 log = logging.getLogger("ziya_batch")
 
@@ -179,7 +179,7 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
         infer_stage, loader, in_flight = InferStage, ctx.loader, 2
         if ctx.engine_board is None:
-            from pipeline.efficiency import EfficiencyBoard
+            from pipeline.runtime.efficiency import EfficiencyBoard
 
             ctx.engine_board = EfficiencyBoard.start()  # the summary's efficiency figures
         if job.model.engine == "vllm":
@@ -496,7 +496,7 @@ def run(
         filled_after_crash=filled,
     )
     if ctx.engine_board is not None:
-        from pipeline import efficiency
+        from pipeline.runtime import efficiency
 
         totals = efficiency.read_totals(ctx.engine_board)
         summary.efficiency = efficiency.summarize(job, totals, summary.tokens, summary.wall_s)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.layout import committed_shards, exists, read_output
+from pipeline.output.layout import committed_shards, exists, read_output
 from pipeline.storage import join
 from tests.support.cluster import ROOT, LocalCluster
 from tests.support.counting import calls, loads, pids

@@ -1,5 +1,5 @@
 """The decode roofline (ziya_model/roofline.py), the summary's efficiency section
-(pipeline/efficiency.py), and the transformers engine over several GPUs (`model.device_map`).
+(pipeline/runtime/efficiency.py), and the transformers engine over several GPUs (`model.device_map`).
 
 Sharding over GPUs cannot run on a CPU: `device_map=auto` is tested here as configuration
 only (validation, what the loader is asked for, the refusal on CPU).
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from pipeline import efficiency
 from pipeline.config import JobConfigError, parse_job
+from pipeline.runtime import efficiency
 from ziya_model import roofline
 from ziya_model.roofline import GPUS, decode_bound, gpu_type_of, llama_params, roofline_fraction
 
@@ -160,7 +160,7 @@ def test_device_map_is_validated_as_configuration():
 def test_device_map_reaches_load_ziya_as_configuration(monkeypatch, tmp_path):
     """Configuration only: the job's device_map is what the actor's loader passes on."""
     import ziya_model
-    from pipeline.weights import ModelLoader
+    from pipeline.runtime.weights import ModelLoader
 
     seen = {}
     monkeypatch.setattr(ziya_model, "load_ziya", lambda *a, **kw: seen.update(kw))
@@ -197,7 +197,7 @@ def test_summary_reads_the_llm_config(tiny_checkpoint):
 
 
 def test_report_shows_the_efficiency_figures(tmp_path):
-    from pipeline.report import load_run, render
+    from pipeline.output.report import load_run, render
     from tests.support.run_layout import write_layout
 
     layout = write_layout(tmp_path / "out", tmp_path / "images")

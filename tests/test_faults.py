@@ -20,10 +20,10 @@ from collections import Counter
 import pytest
 
 from pipeline.builder import run
-from pipeline.layout import committed_shards, exists, read_output
+from pipeline.output.layout import committed_shards, exists, read_output
+from pipeline.output.writer import JobAborted
+from pipeline.runtime.weights import ModelLoader
 from pipeline.storage import join
-from pipeline.weights import ModelLoader
-from pipeline.writer import JobAborted
 from tests.support import s3
 from tests.support.counting import CountingLoader, answered_rows, loads, pids
 from tests.support.fault_jobs import (

@@ -39,15 +39,15 @@ from PIL import Image
 from jobs.cli import main as cli_main
 from pipeline.builder import default_policy, run
 from pipeline.config import parse_job
-from pipeline.layout import read_output
-from pipeline.locations import LocationPolicy
-from pipeline.manifest import plan
+from pipeline.guards.locations import LocationPolicy
+from pipeline.output.layout import read_output
+from pipeline.planning.manifest import plan
+from pipeline.runtime.weights import ModelLoader
 from pipeline.stages.fetch import FetchStage
 from pipeline.stages.preprocess import PreprocessStage
 from pipeline.stages.read import OUTPUT_SCHEMA as READ_SCHEMA
 from pipeline.stages.read import ReadStage
 from pipeline.storage import filesystem
-from pipeline.weights import ModelLoader
 from tests.support import hostile as h
 from tests.support.faultproxy import FaultProxy
 from tests.support.s3 import create_bucket, put_bytes, upload_dir

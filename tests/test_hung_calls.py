@@ -19,10 +19,10 @@ from collections import Counter
 import pytest
 
 from pipeline.builder import run
-from pipeline.layout import exists, read_output
+from pipeline.output.layout import exists, read_output
+from pipeline.runtime.watchdog import HUNG_EXIT_CODE, CallWatchdog
+from pipeline.runtime.weights import ModelLoader
 from pipeline.storage import join
-from pipeline.watchdog import HUNG_EXIT_CODE, CallWatchdog
-from pipeline.weights import ModelLoader
 from tests.support.counting import CountingLoader, events, loads
 from tests.support.fault_jobs import POISON, make_job, photo_uris, put_manifest, seed_bucket
 

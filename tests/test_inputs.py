@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import JobConfigError, parse_job
-from pipeline.manifest import ManifestError, plan, read_rows
+from pipeline.planning.manifest import ManifestError, plan, read_rows
 from pipeline.stages.read import ReadStage
 
 
@@ -164,7 +164,7 @@ def test_img2dataset_parquet_and_own_names_end_to_end(
     ray_cluster, moto_endpoint, bucket, photo_dir, tiny_checkpoint
 ):
     from pipeline.builder import run
-    from pipeline.layout import read_output
+    from pipeline.output.layout import read_output
     from tests.support.fault_jobs import make_job, photo_uris
 
     photos = [p.read_bytes() for p in sorted(photo_dir.glob("*.jpg"))[:3]]
@@ -273,7 +273,7 @@ def test_images_are_listed_sorted_and_written_as_the_runs_manifest(tmp_path, pho
 
 
 def test_images_glob_extensions_and_chunks(tmp_path, photo_dir, monkeypatch):
-    from pipeline import listing
+    from pipeline.planning import listing
 
     photo = sorted(photo_dir.glob("*.jpg"))[0].read_bytes()
     root = tmp_path / "photos"
@@ -304,8 +304,8 @@ def test_images_prefix_end_to_end_incremental(
     """A prefix with a nested prefix, a non-image object and a broken image; an object added
     before an incremental rerun is the only one labeled."""
     from pipeline.builder import run
-    from pipeline.layout import read_output
-    from pipeline.weights import ModelLoader
+    from pipeline.output.layout import read_output
+    from pipeline.runtime.weights import ModelLoader
     from tests.support import s3
     from tests.support.counting import CountingLoader, answered_rows
     from tests.support.fault_jobs import make_job

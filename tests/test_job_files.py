@@ -12,7 +12,7 @@ import yaml
 
 from jobs.submit import submission_id
 from pipeline.config import load_job
-from pipeline.manifest import KNOWN_COLUMNS
+from pipeline.planning.manifest import KNOWN_COLUMNS
 from tests.test_infra import find_secrets
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for pipeline/locations.py: the allowed-locations policy and the checked http fetch.
+"""Tests for pipeline/guards/locations.py: the allowed-locations policy and the checked http fetch.
 
 python -m pytest tests/test_locations.py -q
 """
@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.locations import (
+from pipeline.guards.locations import (
     FetchError,
     LocationPolicy,
     ResponseTooLarge,

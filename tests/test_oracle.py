@@ -87,7 +87,7 @@ def test_pipeline_rows_carry_their_own_images_known_answers(
 
     from pipeline.builder import run
     from pipeline.config import parse_job
-    from pipeline.layout import read_output
+    from pipeline.output.layout import read_output
     from ziya_model.oracle import COLOR_QUESTION, WHAT_QUESTION
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint}, skip_instance_cache=True)

@@ -14,8 +14,8 @@ import s3fs
 
 from pipeline.builder import build, prepare, run
 from pipeline.config import parse_job
-from pipeline.layout import read_output
-from pipeline.manifest import ManifestError
+from pipeline.output.layout import read_output
+from pipeline.planning.manifest import ManifestError
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_caption_every_row_once_with_exact_statuses(ray_cluster, bucket):
     assert bucket["fs"].exists("e2e/out/caption/_SUCCESS")
     saved = json.loads(bucket["fs"].cat_file("e2e/out/caption/summary.json"))
     assert saved["rows_out"] == n and saved["statuses"]["ok"] == photos
-    # Efficiency (pipeline/efficiency.py): on CPU per model actor, no prefix cache, and no
+    # Efficiency (pipeline/runtime/efficiency.py): on CPU per model actor, no prefix cache, and no
     # roofline without resources.gpu_type (the roofline itself: tests/test_efficiency.py).
     eff = saved["efficiency"]
     assert eff == summary.efficiency

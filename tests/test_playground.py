@@ -66,7 +66,7 @@ def test_answers_equal_chat_and_a_pipeline_run(
     pytest.importorskip("gradio")
     from jobs.playground import Chat
     from pipeline.builder import run
-    from pipeline.layout import read_output
+    from pipeline.output.layout import read_output
     from ziya_model.processing import decode_image
 
     # Chat tab: two turns per photograph; chat() with the same image, history and settings.

@@ -1,4 +1,4 @@
-"""Tests for pipeline/redact.py: secrets never survive into messages or logs.
+"""Tests for pipeline/guards/redact.py: secrets never survive into messages or logs.
 
 python -m pytest tests/test_redact.py -q
 """
@@ -13,7 +13,7 @@ import botocore.exceptions
 import pytest
 from botocore.config import Config
 
-from pipeline.redact import MASK, RedactingFilter, describe_error, redact, secret_env_values
+from pipeline.guards.redact import MASK, RedactingFilter, describe_error, redact, secret_env_values
 from tests.support.s3 import moto_s3
 
 # Canaries: unique strings that must appear nowhere after redaction.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.report import _script_json, load_run, write_report
+from pipeline.output.report import _script_json, load_run, write_report
 from tests.support.run_layout import INJECTION, MODEL, Layout, write_layout
 
 

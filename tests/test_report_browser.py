@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.report import CORE_COLUMNS, write_report
+from pipeline.output.report import CORE_COLUMNS, write_report
 from tests.support.browser import Browser, chromium_session, missing_browser
 from tests.support.run_layout import INJECTION, SEARCH_TOKEN, write_layout
 

@@ -26,10 +26,10 @@ import pytest
 import yaml
 
 from pipeline.builder import run
-from pipeline.layout import commit_shard, committed_shards, exists, read_output, read_stats
-from pipeline.manifest import ManifestError, shard_id
+from pipeline.output.layout import commit_shard, committed_shards, exists, read_output, read_stats
+from pipeline.planning.manifest import ManifestError, shard_id
+from pipeline.runtime.weights import ModelLoader
 from pipeline.storage import join
-from pipeline.weights import ModelLoader
 from tests.support import s3
 from tests.support.counting import CountingLoader, answered_rows, loads
 from tests.support.fault_jobs import listing, make_job, photo_uris, put_manifest, seed_bucket

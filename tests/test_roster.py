@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from pipeline.roster import ActorRoster
+from pipeline.runtime.roster import ActorRoster
 
 
 def _member_class(ray):

@@ -15,14 +15,14 @@ import pytest
 from pipeline.builder import default_policy
 from pipeline.columns import StageInputError
 from pipeline.config import JobConfigError, parse_job
-from pipeline.layout import committed_shards, read_output
-from pipeline.manifest import ManifestError, plan
+from pipeline.output.layout import committed_shards, read_output
+from pipeline.output.writer import JobAborted, ShardCommitter
+from pipeline.planning.manifest import ManifestError, plan
+from pipeline.runtime.weights import ModelLoader
 from pipeline.stages.fetch import FetchStage
 from pipeline.stages.infer import InferStage
 from pipeline.stages.preprocess import PreprocessStage
 from pipeline.stages.read import ReadStage
-from pipeline.weights import ModelLoader
-from pipeline.writer import JobAborted, ShardCommitter
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ import pytest
 from jobs import submit
 from jobs.cli import main
 from pipeline.config import load_job
-from pipeline.layout import read_output
+from pipeline.output.layout import read_output
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = "jobs/caption_dataset.yaml"

@@ -1,4 +1,4 @@
-"""Tests for pipeline/text.py: question cleaning and Arrow-safe strings.
+"""Tests for pipeline/guards/text.py: question cleaning and Arrow-safe strings.
 
 python -m pytest tests/test_text.py -q
 """
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.text import clean_text, fix_surrogates, repairs, sanitize_for_arrow
+from pipeline.guards.text import clean_text, fix_surrogates, repairs, sanitize_for_arrow
 
 MAX = 50
 

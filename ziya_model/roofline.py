@@ -1,6 +1,6 @@
 """The decode roofline: one table of GPUs, and the bound a decode step cannot beat.
 
-Used by the pipeline's run summary (`resources.gpu_type`, pipeline/efficiency.py) and by
+Used by the pipeline's run summary (`resources.gpu_type`, pipeline/runtime/efficiency.py) and by
 bench/gpu_check.py; nothing here imports Ray or torch.
 
 Definition (consistent with the roofline section of shared/spec/ziya-visual.md). One decode

@@ -8,7 +8,7 @@ Output columns: the same, with image_bytes filled, plus image_identity (ETag / s
 A location outside the job's allowed locations becomes `invalid_path` before any request is
 made. Objects larger than `limits.max_image_bytes` are `too_large` from their listed size, so
 their bytes are never read. Storage errors are redacted before they become row errors.
-http(s) URLs (only with `limits.allow_http`) go through `pipeline.locations.safe_http_get`,
+http(s) URLs (only with `limits.allow_http`) go through `pipeline.guards.locations.safe_http_get`,
 never through fsspec's HTTP filesystem: it re-checks every redirect hop against the policy,
 connects only to the addresses it checked, and bounds the size and the whole fetch's time.
 """
@@ -34,14 +34,14 @@ from pipeline.columns import (
     set_column,
 )
 from pipeline.config import JobConfig
-from pipeline.locations import (
+from pipeline.guards.locations import (
     FetchError,
     LocationPolicy,
     ResponseTooLarge,
     UnsafeLocation,
     safe_http_get,
 )
-from pipeline.redact import redact
+from pipeline.guards.redact import redact
 from pipeline.storage import filesystem, protocol_of
 
 INPUT_COLUMNS = {

@@ -18,7 +18,7 @@ Python bookkeeping between batches. A generate call that fails is
 retried row by row, so one bad row ends as `inference_error` instead of failing its neighbours;
 CUDA out-of-memory and other device failures still propagate (they are not the row's fault).
 A model call still running after `run.batch_timeout_s` ends the actor, as a crash would
-(`pipeline/watchdog.py`): Ray retries its batch, and a row that hangs every time fails alone.
+(`pipeline/runtime/watchdog.py`): Ray retries its batch, and a row that hangs every time fails alone.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.columns import INFERENCE_ERROR, INVALID_QUESTION, OK, check_columns
-from pipeline.redact import describe_error
-from pipeline.roster import ActorRoster
-from pipeline.text import fix_surrogates
-from pipeline.watchdog import CallWatchdog
+from pipeline.guards.redact import describe_error
+from pipeline.guards.text import fix_surrogates
+from pipeline.runtime.roster import ActorRoster
+from pipeline.runtime.watchdog import CallWatchdog
 
 INPUT_COLUMNS = {
     "shard": "shard id",
@@ -92,7 +92,7 @@ class InferStage:
     ):
         import torch
 
-        from pipeline.metrics import ActorMetrics
+        from pipeline.runtime.metrics import ActorMetrics
 
         if roster is not None:
             # Before the model loads: `run` can stop this actor even if loading never ends.
@@ -110,7 +110,7 @@ class InferStage:
         self.metrics.model_loaded(time.perf_counter() - t0)
         # Ends this actor when a model call hangs (see watchdog.py); loading is not guarded.
         self.watchdog = CallWatchdog(batch_timeout_s)
-        # The run's efficiency figures (pipeline/efficiency.py): what each call did, and this
+        # The run's efficiency figures (pipeline/runtime/efficiency.py): what each call did, and this
         # actor's wall time since its model was ready, added to the driver's board.
         self._board = board
         self._figures_lock = threading.Lock()
@@ -278,7 +278,7 @@ class InferStage:
         return {"images": images, "busy_s": model_s}
 
     def _record_figures(self, images: int, model_s: float) -> None:
-        from pipeline.efficiency import send
+        from pipeline.runtime.efficiency import send
 
         with self._figures_lock:
             now = time.perf_counter()

@@ -14,7 +14,7 @@ the exactly-once commit behind them are the same code for both engines. What cha
 - A row vLLM refuses (e.g. a prompt longer than the context) fails alone as `inference_error`;
   an engine failure (device error, dead worker) propagates and Ray restarts the actor.
 - Engine figures (prompt tokens, prefix-cache hits, busy time) go to Ray's metrics and, as
-  deltas after each call, to the run's `EfficiencyBoard` (pipeline/efficiency.py), from which
+  deltas after each call, to the run's `EfficiencyBoard` (pipeline/runtime/efficiency.py), from which
   the driver writes the summary's `engine` and `efficiency` sections.
 """
 
@@ -60,7 +60,7 @@ class VLLMLoader:
         )
 
     def __call__(self):
-        from pipeline.weights import ensure_local
+        from pipeline.runtime.weights import ensure_local
         from ziya_model.processing import ZiyaImageProcessor
         from ziya_model.vllm.engine import ZiyaVLLMEngine
 
@@ -140,7 +140,7 @@ class _EngineMetrics:
     def __init__(self):
         from ray.util import metrics
 
-        from pipeline.metrics import PREFIX
+        from pipeline.runtime.metrics import PREFIX
 
         self.prompt = metrics.Counter(
             f"{PREFIX}_vllm_prompt_tokens_total", description="Prompt tokens sent to vLLM."

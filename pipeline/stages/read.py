@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline import manifest as m
 from pipeline.columns import INVALID_QUESTION, OK, SOURCE_FAILED, STRING_LIST, check_columns
 from pipeline.config import JobConfig
-from pipeline.manifest import Shard
-from pipeline.text import clean_text
+from pipeline.guards.text import clean_text
+from pipeline.planning import manifest as m
+from pipeline.planning.manifest import Shard
 
 INPUT_COLUMNS = {
     "shard_id": "output shard id",

@@ -36,10 +36,10 @@ def main() -> int:
     import ray
     import ray.data
 
-    from pipeline import roster as roster_module
     from pipeline.builder import run
     from pipeline.config import JobConfig
-    from pipeline.weights import ModelLoader
+    from pipeline.runtime import roster as roster_module
+    from pipeline.runtime.weights import ModelLoader
     from tests.support.counting import CountingLoader
 
     ray.init(address=args.address, log_to_driver=False, configure_logging=False)

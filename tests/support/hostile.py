@@ -377,7 +377,7 @@ class SurrogateAnswers:
         self.job = job
 
     def __call__(self):
-        from pipeline.weights import ModelLoader
+        from pipeline.runtime.weights import ModelLoader
 
         model, tokenizer, processor = ModelLoader(self.job)()
         real = model.answer_batch

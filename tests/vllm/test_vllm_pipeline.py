@@ -18,7 +18,7 @@ import s3fs
 
 from pipeline.builder import run
 from pipeline.config import parse_job
-from pipeline.layout import read_output
+from pipeline.output.layout import read_output
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 Input columns: the infer stage's output (shard, row, id, question_index, question, answer,
                status, error, num_tokens, mean_logprob, latency_s, row_key, image_identity)
-Output:        committed shards in the output layout (pipeline/layout.py)
+Output:        committed shards in the output layout (pipeline/output/layout.py)
 
 Exactly once: Ray Data retries tasks and restarts actors, so a row may arrive twice; the first
 copy of each (row, question_index) wins. A shard is committed when every one of its manifest
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import layout
 from pipeline.columns import FAILURE_STATUSES, INFERENCE_ERROR, UNCHANGED, check_columns
 from pipeline.config import JobConfig
-from pipeline.manifest import Shard, read_rows
+from pipeline.output import layout
+from pipeline.planning.manifest import Shard, read_rows
 
 INPUT_COLUMNS = {
     "shard": "shard id",

@@ -40,9 +40,9 @@ import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.efficiency import rows as efficiency_rows
+from pipeline.runtime.efficiency import rows as efficiency_rows
 
-# Output columns every shard has (pipeline/writer.py); anything else is a manifest pass-through
+# Output columns every shard has (pipeline/output/writer.py); anything else is a manifest pass-through
 # column, shown under each gallery item.
 CORE_COLUMNS = ("id", "task", "question_index", "question", "answer", "status", "error",
                 "num_tokens", "mean_logprob", "latency_s", "model", "generation", "row_key",
@@ -515,7 +515,9 @@ def render(run: RunData, endpoint_url: str | None = None) -> str:
         "failed": failed_table(run),
         "data": _script_json({"sample": len(run.sample), "statuses": dict(sample_statuses)}),
     }
-    template = resources.files("pipeline").joinpath("report_template.html").read_text("utf-8")
+    template = (
+        resources.files("pipeline.output").joinpath("report_template.html").read_text("utf-8")
+    )
     # One pass, so a slot's content (untrusted text included) is never scanned for slots again.
     return re.sub(r"\{\{(\w+)\}\}", lambda m: slots[m.group(1)], template)
 

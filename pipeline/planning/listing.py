@@ -29,8 +29,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import JobConfig
-from pipeline.layout import exists, table_to_parquet_bytes, write_bytes_atomic
-from pipeline.manifest import ManifestError, ManifestPlan, Shard, shard_id
+from pipeline.output.layout import exists, table_to_parquet_bytes, write_bytes_atomic
+from pipeline.planning.manifest import ManifestError, ManifestPlan, Shard, shard_id
 from pipeline.storage import filesystem, is_remote, join, protocol_of
 
 log = logging.getLogger("ziya_batch")

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig, StorageConfig
+from pipeline.guards.text import repair_utf8
 from pipeline.storage import filesystem, full_uri
-from pipeline.text import repair_utf8
 
 # Columns the pipeline reads from a manifest; everything else passes through untouched.
 ID = "id"
@@ -228,9 +228,9 @@ def _read_ids(fs: Any, path: str, column: str = ID) -> pa.ChunkedArray:
 def plan(job: JobConfig) -> ManifestPlan:
     """Validate every manifest file and cut it into shards; raises `ManifestError`.
 
-    With `input.images`, the listing of the prefix is the manifest (`pipeline/listing.py`)."""
+    With `input.images`, the listing of the prefix is the manifest (`pipeline/planning/listing.py`)."""
     if job.input.images is not None:
-        from pipeline.listing import plan_images
+        from pipeline.planning.listing import plan_images
 
         return plan_images(job)
     assert job.input.uri is not None, "input.uri or input.images (config validation)"
