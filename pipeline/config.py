@@ -56,6 +56,17 @@ class InputConfig(_Strict):
         "(s3://, gs://, or a local path). Files are processed in sorted order. Leave empty "
         "with input.images.",
     )
+    format: Literal["parquet", "webdataset"] = Field(
+        default="parquet",
+        description="What input.uri holds. parquet: manifests. webdataset: WebDataset .tar shards "
+        "(a prefix/directory listed recursively, one tar, or a list), e.g. img2dataset's "
+        "webdataset output: ids are the member keys ({key}.jpg -> key), image members are matched "
+        "by input.image_extensions, {key}.txt and {key}.json pass through as string columns txt "
+        "and json, and a sidecar {shard}.parquet beside a tar (img2dataset's) is joined by key: "
+        "its columns pass through, rows whose status is not 'success' end as source_failed. Each "
+        "tar is indexed once into OUT/_input/webdataset/ (a rerun reuses the index of an "
+        "unchanged tar); input.columns and input.glob do not apply.",
+    )
     images: str | None = Field(
         default=None,
         description="Images without a manifest: a prefix (s3://bucket/photos/, gs://...) or a "
@@ -67,7 +78,8 @@ class InputConfig(_Strict):
         default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS),
         min_length=1,
         description="input.images: object names ending in one of these (case-insensitive, "
-        "without the dot) are images; other objects are skipped.",
+        "without the dot) are images; other objects are skipped. input.format webdataset: tar "
+        "members whose extension (after the key's first dot) is one of these are the images.",
     )
     glob: str | None = Field(
         default=None,
@@ -107,6 +119,18 @@ class InputConfig(_Strict):
             raise ValueError("set exactly one of input.uri (manifests) and input.images (images)")
         if self.images is not None and self.columns:
             raise ValueError("input.columns applies to manifests, not to input.images")
+        if self.format == "webdataset":
+            if self.uri is None:
+                raise ValueError("input.format=webdataset reads the tars named by input.uri")
+            if self.columns:
+                raise ValueError(
+                    "input.columns applies to Parquet manifests; a WebDataset's ids are its member "
+                    "keys and its sidecar's `status` is read as the source status"
+                )
+            if self.glob is not None:
+                raise ValueError("input.glob applies to input.images, not to WebDataset tars")
+        elif self.uri is not None and self.glob is not None:
+            raise ValueError("input.glob applies to input.images, not to manifests")
         return self
 
 

@@ -228,11 +228,16 @@ def _read_ids(fs: Any, path: str, column: str = ID) -> pa.ChunkedArray:
 def plan(job: JobConfig) -> ManifestPlan:
     """Validate every manifest file and cut it into shards; raises `ManifestError`.
 
-    With `input.images`, the listing of the prefix is the manifest (`pipeline/planning/listing.py`)."""
+    With `input.images`, the listing of the prefix is the manifest (`pipeline/planning/listing.py`);
+    with `input.format: webdataset`, the tars' indexes are (`pipeline/planning/webdataset.py`)."""
     if job.input.images is not None:
         from pipeline.planning.listing import plan_images
 
         return plan_images(job)
+    if job.input.format == "webdataset":
+        from pipeline.planning.webdataset import plan_webdataset
+
+        return plan_webdataset(job)
     assert job.input.uri is not None, "input.uri or input.images (config validation)"
     files = list_manifest_files(job.input.uri, job.storage)
     mapping = dict(job.input.columns)

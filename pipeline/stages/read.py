@@ -3,6 +3,7 @@
 Input columns:  shard_id, path, start, end (one row per shard, from `manifest.plan`)
 Output columns: shard, row, id, image, image_bytes, questions, question_errors,
                 history_queries, history_answers, status, error
+                (image_bytes filled here for image_bytes manifests and WebDataset tars)
 
 Questions are cleaned here (zero-width and control characters, bad UTF-8, lone surrogates,
 length) so that later stages and the Parquet writer only ever see safe text. A row whose every
@@ -11,6 +12,14 @@ status (`input.columns.source_status`, img2dataset's `status`) is not `success` 
 `source_failed` and is never fetched either.
 
 Manifest columns are read by role (`input.columns` maps a role to the file's own column name).
+
+WebDataset input (`input.format: webdataset`): the shard's file is a tar's index
+(`pipeline/planning/webdataset.py`); its rows carry the tar, offset and size of their image
+member, and the image bytes are read here (one range read of the tar per shard, sliced per row)
+into `image_bytes`, so the fetch stage has nothing to fetch. A member over
+`limits.max_image_bytes` is `too_large` without being read; a row whose sidecar status is not
+`success`, or without an image member, is `source_failed`; a failed read is `fetch_error`.
+`image` is null for these rows.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from pipeline.columns import INVALID_QUESTION, OK, SOURCE_FAILED, STRING_LIST, c
 from pipeline.config import JobConfig
 from pipeline.guards.text import clean_text
 from pipeline.planning import manifest as m
+from pipeline.planning import webdataset
 from pipeline.planning.manifest import Shard
 
 INPUT_COLUMNS = {
@@ -102,6 +112,8 @@ class ReadStage:
         }
 
     def _read_shard(self, shard: Shard) -> pa.Table:
+        if self.job.input.format == "webdataset":
+            return self._read_tar_shard(shard)
         table = m.read_rows(
             shard, self.job.storage, columns=_READ_COLUMNS, mapping=dict(self.job.input.columns)
         )
@@ -120,5 +132,23 @@ class ReadStage:
                 out["status"] = SOURCE_FAILED
                 out["error"] = f"the source has no image for this row (status {source!r})"
                 out["image"] = out["image_bytes"] = None
+            rows.append(out)
+        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+    def _read_tar_shard(self, shard: Shard) -> pa.Table:
+        """A WebDataset shard: the index's rows, their image bytes read from the tar."""
+        table = webdataset.read_rows(shard, self.job)
+        rows = []
+        for row in table.to_pylist():
+            out = {
+                "shard": shard.shard_id,
+                "row": row["row"],
+                "id": row["id"],
+                "image": None,
+                "image_bytes": row["image_bytes"],
+            }
+            out.update(self._clean_row({}))
+            if row["status"] is not None and out["status"] == OK:
+                out["status"], out["error"] = row["status"], row["error"]
             rows.append(out)
         return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
