@@ -17,7 +17,7 @@ import time
 from pipeline.builder import Summary, prepare, run
 from pipeline.config import JobConfig, JobConfigError, load_job
 from pipeline.guards.redact import RedactingFilter, redact
-from pipeline.output.writer import JobAborted, Tally
+from pipeline.output.commit import JobAborted, Tally
 from pipeline.planning.manifest import ManifestError
 from pipeline.runtime.efficiency import rows as efficiency_rows
 

@@ -14,29 +14,29 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from pipeline.columns import FAILURE_STATUSES, OK
+from pipeline.columns import OUTPUT_COLUMNS
 from pipeline.config import JobConfig
 from pipeline.guards.locations import LocationPolicy
 from pipeline.output import layout
-from pipeline.output.writer import OUTPUT_COLUMNS, ShardCommitter
-from pipeline.planning.manifest import ManifestError, ManifestPlan, Shard, plan
+from pipeline.output.commit import CommitSettings, CommitTracker
+from pipeline.planning.ids import check_unique_ids
+from pipeline.planning.manifest import ManifestError, ManifestPlan, plan
+from pipeline.planning.modes import Work, plan_work
 from pipeline.runtime.metrics import DriverMetrics
 from pipeline.runtime.roster import ActorRoster
 from pipeline.runtime.weights import ModelLoader, model_identity, read_visual_config
-from pipeline.stages.fetch import FetchStage, key_as_int
+from pipeline.stages.fetch import FetchStage
 from pipeline.stages.infer import InferStage
 from pipeline.stages.preprocess import PreprocessStage
 from pipeline.stages.read import ReadStage
+from pipeline.stages.write import WriteStage
 from pipeline.storage import filesystem, is_remote, join, protocol_of
 
 log = logging.getLogger("ziya_batch")
@@ -52,7 +52,7 @@ class Context:
     image_size: int
     fingerprint: str  # task + prompt + model + generation: what makes an answer reusable
     policy: LocationPolicy
-    done_keys: np.ndarray | None = None  # incremental: keys of rows already labeled
+    skip_keys: Any = None  # ObjectRef of row keys already labeled (incremental, modes.py)
     loader: Callable[[], Any] | None = None
     roster: ActorRoster | None = None  # set by `run`: where model actors register, to be stopped
     engine_board: Any = None  # EfficiencyBoard: where the model actors add up their figures
@@ -160,7 +160,7 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
     block_rows = -(-res.preprocess_batch_size // model_batch) * model_batch
     ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
     ds = ds.map_batches(
-        FetchStage(job, ctx.policy, ctx.fingerprint, ctx.done_keys),
+        FetchStage(job, ctx.policy, ctx.fingerprint, ctx.skip_keys),
         batch_size=block_rows,
         **cpu,
     )
@@ -260,71 +260,39 @@ class Summary:
         return d
 
 
-def _run_dir(ctx: Context) -> tuple[str, str | None]:
-    """Where this run writes: OUT itself, or OUT/runs/<run_id> for incremental runs.
-
-    An incremental run id is derived from the manifests' listing and the job fingerprint, so a
-    crashed scheduled run resumes into the same directory, while tomorrow's run gets a new one.
-    """
-    job = ctx.job
-    if job.run.mode != "incremental":
-        return job.output.uri, None
-    listing = []
-    for uri in ctx.plan.files:
-        fs, path = filesystem(uri, job.storage)
-        info = fs.info(path)
-        listing.append([uri, info.get("size"), str(info.get("ETag") or info.get("mtime"))])
-    run_id = hashlib.sha256(json.dumps([listing, ctx.fingerprint]).encode()).hexdigest()[:12]
-    return join(job.output.uri, layout.RUNS_DIR, run_id), run_id
-
-
-def _done_keys(ctx: Context, run_id: str) -> np.ndarray:
-    """Row keys of every `ok` row committed by earlier incremental runs, sorted, as uint64."""
-    keys: list[int] = []
-    for run in layout.list_runs(ctx.job.output.uri, ctx.job.storage):
-        if run == run_id:
-            continue
-        run_uri = join(ctx.job.output.uri, layout.RUNS_DIR, run)
-        for sid in layout.committed_shards(run_uri, ctx.job.storage):
-            t = layout.read_shard(run_uri, sid, ctx.job.storage, columns=["row_key", "status"])
-            t = t.filter(pc.equal(t.column("status"), OK))
-            keys.extend(key_as_int(k) for k in t.column("row_key").to_pylist() if k)
-    return np.unique(np.array(keys, dtype=np.uint64))
-
-
-def _retry_plan(
-    ctx: Context, out_uri: str, committed: set[str]
-) -> tuple[list[Shard], dict[str, pa.Table]]:
-    """retry_failed: partial shards holding only the failed rows of committed shards."""
-    shards, replace = [], {}
-    by_id = {s.shard_id: s for s in ctx.plan.shards}
-    for sid in sorted(committed & set(by_id)):
-        table = layout.read_shard(out_uri, sid, ctx.job.storage)
-        failed = table.filter(pc.is_in(table.column("status"), pa.array(FAILURE_STATUSES)))
-        rows = sorted(set(failed.column("manifest_row").to_pylist()))
-        if rows:
-            s = by_id[sid]
-            shards.append(Shard(s.shard_id, s.path, s.start, s.end, tuple(rows)))
-            replace[sid] = table
-    return shards, replace
+def _staged(ds: Any, ctx: Context, out_uri: str) -> Any:
+    """The answer rows staged on the output's storage by CPU tasks (stages/write.py): what the
+    driver consumes is one small report per staged file, never the rows."""
+    res = ctx.job.resources
+    model_batch = res.batch_size or (
+        DEFAULT_GPU_BATCH if res.gpus_per_actor > 0 else DEFAULT_CPU_BATCH
+    )
+    return ds.map_batches(
+        WriteStage(out_uri, ctx.job.storage),
+        # A few model batches per staged file: fewer, larger files than one per model call.
+        batch_size=-(-res.preprocess_batch_size // model_batch) * model_batch,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
 
 
 def _consume(
     ds: Any,
-    committer: ShardCommitter,
+    tracker: CommitTracker,
     progress: Callable[[Any, int, float], None] | None,
     rows_total: int,
     t0: float,
+    max_crashed_batches: int,
 ) -> None:
-    """Stream the answer rows into the committer; a batch that crashed its worker on every
-    retry is dropped (up to `run.max_crashed_batches`) and its rows stay missing."""
-    ds.context.max_errored_blocks = committer.job.run.max_crashed_batches
+    """Stream the write stage's reports into the tracker; a batch that crashed its worker on
+    every retry is dropped (up to `run.max_crashed_batches`) and its rows stay missing."""
+    ds.context.max_errored_blocks = max_crashed_batches
     batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     try:
         for batch in batches:
-            committer.add(batch)
+            tracker.add(batch)
             if progress:
-                progress(committer.tally, rows_total, time.time() - t0)
+                progress(tracker.tally, rows_total, time.time() - t0)
     finally:
         # When the job stops early (abort threshold, a failed commit), shut the execution down
         # now: left to the garbage collector, its tasks keep holding the cluster's CPUs. (Its
@@ -334,41 +302,48 @@ def _consume(
             close()
 
 
-def _run_pass(
-    ctx: Context,
-    make_plan: Callable[[], Any],
-    committer: ShardCommitter,
-    progress: Callable[[Any, int, float], None] | None,
-    rows_total: int,
-    t0: float,
-) -> None:
+def _run_pass(ctx: Context, make_plan: Callable[[], Any], consume: Callable[[Any], None]) -> None:
     """One pass over a plan, with a roster of its own: the pass's model actors are stopped when
     it ends, however it ends (see roster.py); left to Ray Data they can outlive the pass and hold
     the GPUs the next one needs. A fresh roster per pass: should one be lost with its node, the
     next pass does not depend on it."""
     ctx.roster = ActorRoster.start()
     try:
-        _consume(make_plan(), committer, progress, rows_total, t0)
+        consume(make_plan())
     finally:
         ctx.roster.close()
         ctx.roster = None
 
 
-def _isolation_plan(ctx: Context, lost: dict[str, list[int]]) -> Any:
+def _shard_items(shards: list) -> list[dict]:
+    return [
+        {
+            "shard_id": s.shard_id,
+            "path": s.path,
+            "start": s.start,
+            "end": s.end,
+            "rows": list(s.rows) if s.rows else None,
+        }
+        for s in shards
+    ]
+
+
+def _isolation_plan(ctx: Context, work: Work, lost: dict[str, list[int]]) -> Any:
     """The lost rows again, each alone in its block, its model batch and on its actor."""
     import ray
 
     job = ctx.job
     one = job.resources.model_copy(update={"batch_size": 1, "preprocess_batch_size": 1})
     alone = dataclasses.replace(ctx, job=job.model_copy(update={"resources": one}))
-    by_id = {s.shard_id: s for s in ctx.plan.shards}
+    by_id = {s.shard_id: s for s in work.todo}
     items = [
-        {"shard_id": sid, "path": s.path, "start": s.start, "end": s.end, "rows": [r]}
+        {**item, "rows": [r]}
         for sid, rows in sorted(lost.items())
-        for s in [by_id[sid]]
+        for item in _shard_items([by_id[sid]])
         for r in rows
     ]
-    return build(ray.data.from_items(items, override_num_blocks=len(items)), alone, isolate=True)
+    ds = build(ray.data.from_items(items, override_num_blocks=len(items)), alone, isolate=True)
+    return _staged(ds, alone, work.out_uri)
 
 
 def run(
@@ -379,10 +354,15 @@ def run(
 ) -> Summary:
     """Run a whole job on the current Ray cluster (call `ray.init` first).
 
-    `progress(tally, rows_total, elapsed_s)` is called after every batch. `loader` replaces the
-    model loader (a picklable callable returning model, tokenizer, processor): benchmarks use it
-    for a stand-in model, tests to count model calls. `context` is `prepare(job)` when the
-    caller already ran it (to fail fast before starting Ray).
+    The driver loop: check the ids (remote tasks, for plans too large to check in `prepare`),
+    work out this invocation's work (planning/modes.py), clear staging a killed run left, stream
+    the plan's reports into the commit tracker, retry rows whose batches crashed one row per
+    batch, commit what is left, write the summary and `_SUCCESS`.
+
+    `progress(tally, rows_total, elapsed_s)` is called after every report batch. `loader`
+    replaces the model loader (a picklable callable returning model, tokenizer, processor):
+    benchmarks use it for a stand-in model, tests to count model calls. `context` is
+    `prepare(job)` when the caller already ran it (to fail fast before starting Ray).
     """
     import ray
 
@@ -391,81 +371,69 @@ def run(
     if loader is not None:
         ctx.loader = loader
     ctx.engine_board = None  # `build` starts a fresh board: this invocation's figures only
-    out_uri, run_id = _run_dir(ctx)
+    if not ctx.plan.ids_checked:
+        check_unique_ids(ctx.plan, job.storage, ray=True)
+    work = plan_work(job, ctx.plan, ctx.fingerprint)
+    ctx.skip_keys = work.skip_keys
     storage = job.storage
-    mode = job.run.mode
-    committed = layout.committed_shards(out_uri, storage)
-    if mode == "overwrite":
-        # Old answers are taken out first, so a crash in the middle never leaves old and new
-        # shards mixed, nor shards of an earlier plan beside this one's.
-        layout.remove(join(out_uri, layout.SUCCESS), storage)
-        layout.uncommit(out_uri, sorted(committed), storage)
-        committed = set()
-    foreign = sorted(committed - {s.shard_id for s in ctx.plan.shards})
-    if foreign:
-        # Committed shards this plan does not have would sit beside its own, as duplicates.
-        raise ManifestError(
-            f"{out_uri} holds {len(foreign)} committed shards that this job does not plan, "
-            f"e.g. {foreign[0]}: the manifest files or output.rows_per_shard changed since "
-            "they were written. Write to a new output.uri, use run.mode=overwrite to replace "
-            "the output, or run.mode=incremental for manifests that grow."
-        )
-    replace: dict[str, pa.Table] = {}
-    todo = [s for s in ctx.plan.shards if s.shard_id not in committed]
-    if mode == "retry_failed":
-        # The failed rows of committed shards, and whole shards a crashed run never committed.
-        retry, replace = _retry_plan(ctx, out_uri, committed)
-        todo = retry + todo
-    if mode == "incremental":
-        ctx.done_keys = _done_keys(ctx, run_id)
-        if not layout.exists(join(out_uri, "run.json"), storage):
-            layout.write_json(
-                join(out_uri, "run.json"), {"run_id": run_id, "started_at": time.time()}, storage
-            )
-    success = join(out_uri, layout.SUCCESS)
-    if not todo and layout.exists(success, storage):
-        log.info("nothing to do: all %d shards are committed in %s", len(ctx.plan.shards), out_uri)
-        return Summary(
-            output=out_uri,
-            rows_in=0,
-            rows_out=0,
-            statuses={},
-            tokens=0,
-            wall_s=time.time() - t0,
-            shards_total=len(ctx.plan.shards),
-            shards_skipped=len(ctx.plan.shards),
-            shards_committed=0,
-            model=ctx.model,
-            task=job.task.kind,
-            generation=job.generation.model_dump(),
-            mode=mode,
-            run_id=run_id,
-        )
-    metrics = DriverMetrics(job.name)
-    committer = ShardCommitter(
-        job,
-        out_uri,
-        todo,
-        ctx.plan.passthrough_columns,
-        ctx.model,
-        metrics=metrics,
-        replace=replace,
+    # Rows staged by a killed run are never read (their shards are redone whole): clear them.
+    layout.remove_tree(join(work.out_uri, layout.STAGING_DIR), storage)
+    success = join(work.out_uri, layout.SUCCESS)
+    summary = Summary(
+        output=work.out_uri,
+        rows_in=0,
+        rows_out=0,
+        statuses={},
+        tokens=0,
+        wall_s=0.0,
+        shards_total=len(ctx.plan.shards),
+        shards_skipped=len(ctx.plan.shards) - len(work.todo),
+        shards_committed=0,
+        model=ctx.model,
+        task=job.task.kind,
+        generation=job.generation.model_dump(),
+        mode=job.run.mode,
+        run_id=work.run_id,
     )
-    if todo:
-        items = [
-            {
-                "shard_id": s.shard_id,
-                "path": s.path,
-                "start": s.start,
-                "end": s.end,
-                "rows": list(s.rows) if s.rows else None,
-            }
-            for s in todo
-        ]
+    if not work.todo and layout.exists(success, storage):
+        log.info(
+            "nothing to do: all %d shards are committed in %s", len(ctx.plan.shards), work.out_uri
+        )
+        summary.wall_s = time.time() - t0
+        return summary
+    metrics = DriverMetrics(job.name)
+    settings = CommitSettings(
+        out_uri=work.out_uri,
+        storage=storage,
+        task=job.task.kind,
+        model=ctx.model,
+        generation=job.generation.as_json(),
+        passthrough=tuple(ctx.plan.passthrough_columns),
+        mapping=dict(job.input.columns),
+        attempt=uuid.uuid4().hex,
+    )
+    tracker = CommitTracker(
+        settings,
+        work.todo,
+        merge=work.merge,
+        max_failure_rate=job.run.max_failure_rate,
+        min_rows_before_abort=job.run.min_rows_before_abort,
+        metrics=metrics,
+    )
+    rows_total = sum(s.num_rows for s in work.todo)
+    consume = partial(
+        _consume,
+        tracker=tracker,
+        progress=progress,
+        rows_total=rows_total,
+        t0=t0,
+        max_crashed_batches=job.run.max_crashed_batches,
+    )
+    if work.todo:
+        items = _shard_items(work.todo)
         shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
-        rows_total = sum(s.num_rows for s in todo)
-        _run_pass(ctx, partial(build, shards_ds, ctx), committer, progress, rows_total, t0)
-        lost = committer.missing()
+        _run_pass(ctx, lambda: _staged(build(shards_ds, ctx), ctx, work.out_uri), consume)
+        lost = tracker.missing()
         if lost:
             # Their batches crashed (or hung) the model worker on every retry and Ray Data
             # dropped them. Retry those rows one per batch, so only a row at fault itself fails.
@@ -474,27 +442,14 @@ def run(
                 "retrying them one row per batch",
                 sum(map(len, lost.values())),
             )
-            retry = partial(_isolation_plan, ctx, lost)
-            _run_pass(ctx, retry, committer, progress, rows_total, t0)
-    filled = committer.finish()
-    tally = committer.tally
-    summary = Summary(
-        output=out_uri,
-        rows_in=tally.rows_in,
-        rows_out=tally.rows_out,
-        statuses=dict(tally.statuses),
-        tokens=tally.tokens,
-        wall_s=time.time() - t0,
-        shards_total=len(ctx.plan.shards),
-        shards_skipped=len(ctx.plan.shards) - len(todo),
-        shards_committed=tally.shards,
-        model=ctx.model,
-        task=job.task.kind,
-        generation=job.generation.model_dump(),
-        mode=mode,
-        run_id=run_id,
-        filled_after_crash=filled,
-    )
+            _run_pass(ctx, partial(_isolation_plan, ctx, work, lost), consume)
+    filled = tracker.finish()
+    layout.remove_tree(join(work.out_uri, layout.STAGING_DIR), storage)
+    tally = tracker.tally
+    summary.rows_in, summary.rows_out = tally.rows_in, tally.rows_out
+    summary.statuses, summary.tokens = dict(tally.statuses), tally.tokens
+    summary.shards_committed, summary.filled_after_crash = tally.shards, filled
+    summary.wall_s = time.time() - t0
     if ctx.engine_board is not None:
         from pipeline.runtime import efficiency
 
@@ -505,14 +460,16 @@ def run(
 
             summary.engine = engine_section(totals, summary.wall_s, job.resources.actors)
     # The success marker and summary are written only when every shard is committed.
-    final = layout.committed_shards(out_uri, storage)
-    missing = [s.shard_id for s in ctx.plan.shards if s.shard_id not in final]
+    final = layout.committed_shards(work.out_uri, storage)
+    missing = [sid for sid in work.planned if sid not in final]
     if missing:
         raise RuntimeError(
             f"{len(missing)} shards are not committed, e.g. {missing[0]}; rerun to resume"
         )
     layout.write_json(
-        join(out_uri, layout.SUMMARY), {**summary.as_dict(), "metrics": metrics.values}, storage
+        join(work.out_uri, layout.SUMMARY),
+        {**summary.as_dict(), "metrics": metrics.values},
+        storage,
     )
     layout.write_bytes_atomic(success, b"", storage)
     return summary

@@ -67,3 +67,46 @@ def set_column(
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, array)
     return table.append_column(name, array)
+
+
+# What the infer stage emits, one row per question: the answer rows that the write stage stages
+# and the commit task turns into output rows (both engines emit exactly this).
+ANSWER_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("row", pa.int64()),
+        ("id", pa.string()),
+        ("question_index", pa.int32()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("num_tokens", pa.int32()),
+        ("mean_logprob", pa.float32()),  # answer confidence (model-relative), null if no answer
+        ("latency_s", pa.float32()),
+        ("row_key", pa.string()),
+        ("image_identity", pa.string()),
+    ]
+)
+
+
+# The committed output, defined once: the commit task writes these columns (after `id` and the
+# manifest's pass-through columns), the report reads them, and ARCHITECTURE.md's table is
+# checked against this list (tests/test_output_readers.py).
+OUTPUT_FIELDS: tuple[tuple[str, pa.DataType, str], ...] = (
+    ("task", pa.string(), "caption or vqa"),
+    ("question_index", pa.int32(), "index of the question within the row"),
+    ("question", pa.string(), "the question asked (the caption prompt for captions)"),
+    ("answer", pa.string(), "the model's answer (null when the row failed)"),
+    ("status", pa.string(), "ok, or why the row failed (see the statuses above)"),
+    ("error", pa.string(), "what went wrong, redacted (null when ok)"),
+    ("num_tokens", pa.int32(), "tokens in the answer"),
+    ("mean_logprob", pa.float32(), "mean log-probability of the answer's tokens (confidence)"),
+    ("latency_s", pa.float32(), "seconds of the model call that answered the row"),
+    ("model", pa.string(), "model identity (weights digest, engine)"),
+    ("generation", pa.string(), "generation settings, JSON"),
+    ("row_key", pa.string(), "what makes an answer reusable in incremental runs"),
+    ("image_identity", pa.string(), "the image's version: ETag, size+mtime or content hash"),
+    ("manifest_row", pa.int64(), "row index in its manifest file"),
+)
+OUTPUT_COLUMNS = tuple(name for name, _, _ in OUTPUT_FIELDS)

@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.builder import run
 from pipeline.output.layout import committed_shards, exists, read_output
-from pipeline.output.writer import JobAborted
+from pipeline.output.commit import JobAborted
 from pipeline.runtime.weights import ModelLoader
 from pipeline.storage import join
 from tests.support import s3
@@ -168,7 +168,7 @@ def test_failing_everywhere_aborts_without_success_marker(
     assert "fetch_error" in message and "not found" in message and "gone-" in message
     assert answered_rows(log) == 0
     assert not exists(join(job.output.uri, "_SUCCESS"), job.storage)
-    assert not exists(join(job.output.uri, "summary.json"), job.storage)
+    assert not exists(join(job.output.uri, "_summary.json"), job.storage)
     assert committed_shards(job.output.uri, job.storage) == set()
 
 

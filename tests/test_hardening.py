@@ -161,7 +161,7 @@ def test_mixed_images_job_exits_0_with_exact_statuses(
     assert "900000000 pixels" in rows["bomb.png"]["error"]
     assert f"{limit + 500_000} bytes > limit {limit}" in rows["oversize.jpg"]["error"]
     assert all((r["answer"] is not None) == (r["status"] == "ok") for r in rows.values())
-    fs, path = filesystem(f"s3://{bucket}/out/summary.json")
+    fs, path = filesystem(f"s3://{bucket}/out/_summary.json")
     summary = json.loads(fs.cat_file(path))
     assert summary["rows_in"] == summary["rows_out"] == 21
 
@@ -694,7 +694,7 @@ def test_canary_credentials_leak_nowhere(photo_dir, tiny_checkpoint, tmp_path):
         assert len(logs) > 5, logs  # Ray really logged there
         assert _files_with_canary(ray_tmp) == []
         assert _files_with_canary(out) == []
-        assert (out / "summary.json").is_file() and (out / "_SUCCESS").is_file()
+        assert (out / "_summary.json").is_file() and (out / "_SUCCESS").is_file()
         for stream in (proc.stdout, proc.stderr):
             assert not any(f in stream for f in _canary_forms())
     finally:

@@ -112,12 +112,14 @@ def test_caption_every_row_once_with_exact_statuses(ray_cluster, bucket):
     assert out.schema.field("tags").type == pa.list_(pa.int16())
     assert rows["r03"]["source"] == "src-3" and rows["r03"]["tags"] == [3, 4]
     assert "not found" in rows[f"r{photos:02d}"]["error"]
-    # Layout: 3 shards of at most 4 rows, each with its stats file, then _SUCCESS and summary.
+    # Layout: 3 shards of at most 4 rows, each with its stats file, then _SUCCESS and summary;
+    # the staging is gone.
     keys = bucket["fs"].ls("e2e/out/caption/shards")
-    assert len([k for k in keys if k.endswith(".parquet")]) == 3
-    assert len([k for k in keys if k.endswith(".stats.json")]) == 3
+    assert len([k for k in keys if k.endswith(".parquet")]) == 3 == len(keys)
+    assert len(bucket["fs"].ls("e2e/out/caption/_stats")) == 3
+    assert not bucket["fs"].exists("e2e/out/caption/_staging")
     assert bucket["fs"].exists("e2e/out/caption/_SUCCESS")
-    saved = json.loads(bucket["fs"].cat_file("e2e/out/caption/summary.json"))
+    saved = json.loads(bucket["fs"].cat_file("e2e/out/caption/_summary.json"))
     assert saved["rows_out"] == n and saved["statuses"]["ok"] == photos
     # Efficiency (pipeline/runtime/efficiency.py): on CPU per model actor, no prefix cache, and no
     # roofline without resources.gpu_type (the roofline itself: tests/test_efficiency.py).

@@ -124,7 +124,7 @@ def test_driver_killed_midway_then_rerun_does_only_the_rest(
     assert not exists(join(out, "_SUCCESS"), job.storage)
     before = listing(moto_endpoint, BUCKET, prefix)
     kept = {k: v for k, v in before.items() if any(f"/{sid}." in k for sid in committed)}
-    assert len(kept) == 2 * len(committed)  # a .parquet and a .stats.json each
+    assert len(kept) == 2 * len(committed)  # a .parquet and a _stats/ file each
 
     loader, log = _counting(job, tmp_path, "rerun")
     summary = run(job, loader=loader)
@@ -163,11 +163,11 @@ def test_retry_failed_redoes_only_failed_rows_in_place(
     before_rows = {r["id"]: r for r in read_output(out, job.storage).to_pylist()}
     assert {i for i, r in before_rows.items() if r["status"] != "ok"} == {ids[i] for i in late}
     # Shards: rows 0-3 (one late), 4-7 (two late), 8-11 (none), 12-15 (none). The last one is
-    # made uncommitted, as a crash before its stats file was written would leave it.
+    # made uncommitted, as a crash before its data file was written would leave it.
     shard_ids = sorted(committed_shards(out, job.storage))
     assert len(shard_ids) == 4
     fs = s3.s3fs_filesystem(moto_endpoint)
-    fs.rm_file(f"{BUCKET}/out/retry/shards/{shard_ids[3]}.stats.json")
+    fs.rm_file(f"{BUCKET}/out/retry/shards/{shard_ids[3]}.parquet")
     fs.rm_file(f"{BUCKET}/out/retry/_SUCCESS")
 
     photos = sorted(photo_dir.glob("*.jpg"))

@@ -1,4 +1,4 @@
-"""Each stage called directly, without Ray: column contracts, statuses, and the writer's
+"""Each stage called directly, without Ray: column contracts, statuses, and the commit path's
 exactly-once bookkeeping."""
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from pipeline.builder import default_policy
 from pipeline.columns import StageInputError
 from pipeline.config import JobConfigError, parse_job
 from pipeline.output.layout import committed_shards, read_output
-from pipeline.output.writer import JobAborted, ShardCommitter
+from pipeline.output.commit import CommitSettings, CommitTracker, JobAborted
 from pipeline.planning.manifest import ManifestError, plan
 from pipeline.runtime.weights import ModelLoader
 from pipeline.stages.fetch import FetchStage
 from pipeline.stages.infer import InferStage
 from pipeline.stages.preprocess import PreprocessStage
 from pipeline.stages.read import ReadStage
+from pipeline.stages.write import WriteStage
 
 
 @pytest.fixture
@@ -136,31 +137,62 @@ def _answers(shard, rows, status="ok"):
     )
 
 
+def _tracker(job, p) -> tuple[CommitTracker, WriteStage]:
+    """The commit path without Ray: the write stage stages real files, the tracker commits in
+    process (the pipeline runs the same `commit_shard` as remote tasks)."""
+    settings = CommitSettings(
+        out_uri=job.output.uri,
+        storage=job.storage,
+        task=job.task.kind,
+        model="m",
+        generation=job.generation.as_json(),
+        passthrough=tuple(p.passthrough_columns),
+        mapping=dict(job.input.columns),
+        attempt="test",
+    )
+    tracker = CommitTracker(
+        settings,
+        p.shards,
+        max_failure_rate=job.run.max_failure_rate,
+        min_rows_before_abort=job.run.min_rows_before_abort,
+        remote=False,
+    )
+    return tracker, WriteStage(job.output.uri, job.storage)
+
+
 def test_writer_commits_each_shard_once_despite_duplicates(local_job):
     job = local_job()
     p = plan(job)
-    c = ShardCommitter(job, job.output.uri, p.shards, p.passthrough_columns, "m")
+    c, stage = _tracker(job, p)
     s0, s1, s2 = p.shards
-    c.add(_answers(s0, [0]))
-    c.add(_answers(s0, [0]))  # a retried task's duplicate
+    c.add(stage(_answers(s0, [0])))
+    c.add(stage(_answers(s0, [0])))  # a retried task's duplicate
     assert committed_shards(job.output.uri, job.storage) == set()
-    c.add(_answers(s0, [1]))
-    c.add(_answers(s1, [2, 3]))
-    c.add(_answers(s0, [0, 1]))  # after commit: ignored
-    c.add(_answers(s2, [4]))
+    c.add(stage(_answers(s0, [1])))
+    c.add(stage(pa.concat_tables([_answers(s1, [2, 3]), _answers(s0, [0, 1])])))  # s0: ignored
+    c.add(stage(_answers(s2, [4])))
     assert c.finish() == []
     out = read_output(job.output.uri)
     assert out.column("id").to_pylist() == ["i0", "i1", "i2", "i3", "i4"]
     assert out.column("extra").to_pylist() == [1.5, 2.5, 3.5, 4.5, 5.5]
-    stats = json.loads((Path(job.output.uri) / "shards" / f"{s0.shard_id}.stats.json").read_text())
+    stats = json.loads((Path(job.output.uri) / "_stats" / f"{s0.shard_id}.json").read_text())
     assert stats["rows"] == 2 and stats["statuses"] == {"ok": 2} and stats["tokens"] == 6
+    # Each shard's staging went with its commit; only the copy staged after s0's commit is left
+    # (run() clears _staging/ when it ends).
+    left = list((Path(job.output.uri) / "_staging").glob("*/*.parquet"))
+    assert [f.parent.name for f in left] == [s0.shard_id]
 
 
 def test_writer_fills_rows_that_never_arrived(local_job):
     job = local_job()
     p = plan(job)
-    c = ShardCommitter(job, job.output.uri, p.shards, p.passthrough_columns, "m")
-    c.add(_answers(p.shards[0], [0]))
+    c, stage = _tracker(job, p)
+    c.add(stage(_answers(p.shards[0], [0])))
+    assert c.missing() == {
+        p.shards[0].shard_id: [1],
+        p.shards[1].shard_id: [2, 3],
+        p.shards[2].shard_id: [4],
+    }
     assert sorted(c.finish()) == sorted(s.shard_id for s in p.shards)
     out = read_output(job.output.uri).to_pylist()
     assert [r["status"] for r in out] == ["ok"] + ["inference_error"] * 4
@@ -170,10 +202,10 @@ def test_writer_fills_rows_that_never_arrived(local_job):
 def test_writer_aborts_when_failing_everywhere(local_job):
     job = local_job(run={"max_failure_rate": 0.5, "min_rows_before_abort": 3})
     p = plan(job)
-    c = ShardCommitter(job, job.output.uri, p.shards, p.passthrough_columns, "m")
-    c.add(_answers(p.shards[0], [0, 1], status="fetch_error"))
+    c, stage = _tracker(job, p)
+    c.add(stage(_answers(p.shards[0], [0, 1], status="fetch_error")))
     with pytest.raises(JobAborted, match=r"3 of 3 rows failed .* fetch_error: boom"):
-        c.add(_answers(p.shards[1], [2], status="fetch_error"))
+        c.add(stage(_answers(p.shards[1], [2], status="fetch_error")))
 
 
 def test_manifest_errors_name_file_column_and_row(tmp_path, local_job):

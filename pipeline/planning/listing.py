@@ -189,4 +189,5 @@ def plan_images(job: JobConfig) -> ManifestPlan:
         schema=LISTING_SCHEMA,
         columns={"id": "id", "image": "image"},
         sources=[base + "/"],
+        ids_checked=True,  # keys of one listing are unique by construction
     )

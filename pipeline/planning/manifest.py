@@ -15,12 +15,11 @@ range, so the same work always lands on the same output key (see ARCHITECTURE.md
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import posixpath
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -75,6 +74,8 @@ class ManifestPlan:
     # Where the images are, for the default location policy (input.images: its prefix); None:
     # the manifests' own buckets / directories.
     sources: list[str] | None = None
+    # Ids checked unique (and not null) already; else `run` checks them with remote tasks.
+    ids_checked: bool = False
 
     @property
     def passthrough_columns(self) -> list[str]:
@@ -159,7 +160,7 @@ def list_manifest_files(uri: str | list[str], storage: StorageConfig) -> list[st
     return files
 
 
-def _example(table: pa.Table, index: int = 0) -> str:
+def example_row(table: pa.Table, index: int = 0) -> str:
     row = {
         k: v
         for k, v in repair_utf8(table.slice(index, 1)).to_pylist()[0].items()
@@ -219,12 +220,6 @@ def check_schema(
         fail(f"{QUESTION}/{QUESTIONS}", "is required for task vqa")
 
 
-def _read_ids(fs: Any, path: str, column: str = ID) -> pa.ChunkedArray:
-    with fs.open(path, "rb") as f:
-        ids = pq.read_table(f, columns=[column]).column(column)
-    return ids.cast(pa.string()) if pa.types.is_integer(ids.type) else ids
-
-
 def plan(job: JobConfig) -> ManifestPlan:
     """Validate every manifest file and cut it into shards; raises `ManifestError`.
 
@@ -244,9 +239,6 @@ def plan(job: JobConfig) -> ManifestPlan:
     resolved: dict[str, str] = {}
     schema: pa.Schema | None = None
     shards: list[Shard] = []
-    # 64-bit hashes of the ids (8 bytes a row), not the ids: the driver's memory stays small
-    # for manifests of many millions of rows.
-    id_hashes: list[np.ndarray] = []
     total = 0
     for uri in files:
         fs, path = filesystem(uri, job.storage)
@@ -265,7 +257,7 @@ def plan(job: JobConfig) -> ManifestPlan:
         except ManifestError as err:
             with fs.open(path, "rb") as f:
                 first = pq.ParquetFile(f).read_row_group(0) if meta.num_row_groups else None
-            example = _example(first) if first is not None and first.num_rows else "(no rows)"
+            example = example_row(first) if first is not None and first.num_rows else "(no rows)"
             raise ManifestError(f"{err}; example row: {example}") from None
         if schema is None:
             schema = file_schema
@@ -273,15 +265,6 @@ def plan(job: JobConfig) -> ManifestPlan:
             raise ManifestError(
                 f"manifest {uri}: its columns {file_schema} differ from {files[0]}'s {schema}"
             )
-        ids = _read_ids(fs, path, resolved[ID])
-        if ids.null_count:
-            index = pc.index(pc.is_null(ids), True).as_py()
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f).slice(index, 1)
-            raise ManifestError(
-                f"manifest {uri}: column {resolved[ID]!r} is null at row {index}: {_example(table)}"
-            )
-        id_hashes.append(_hash_ids(ids))
         rows = meta.num_rows
         step = job.output.rows_per_shard
         for start in range(0, rows, step):
@@ -290,53 +273,17 @@ def plan(job: JobConfig) -> ManifestPlan:
         total += rows
     if schema is None:
         raise ManifestError("no manifest files found")
-    _check_unique(id_hashes, files, job.storage, resolved.get(ID, ID))
-    return ManifestPlan(
+    manifest_plan = ManifestPlan(
         files=files, shards=shards, total_rows=total, schema=schema, columns=resolved
     )
+    from pipeline.planning.ids import IN_PROCESS_ROWS, check_unique_ids
 
-
-def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
-    from pandas.util import hash_array  # vectorized 64-bit hash (pandas comes with ray[data])
-
-    # Hashed as bytes: an id that is not valid UTF-8 must not fail the check.
-    raw = ids.cast(pa.binary()).to_numpy(zero_copy_only=False).astype(object)
-    return hash_array(raw, categorize=False)
-
-
-def _check_unique(
-    id_hashes: list[np.ndarray], files: list[str], storage: StorageConfig, column: str = ID
-) -> None:
-    """Ids must be unique across all files (the output is joined on them).
-
-    Duplicates are found among the hashes; the ids behind a repeated hash are then read again to
-    name a real duplicate (a bare 64-bit collision is not one).
-    """
-    if not id_hashes:
-        return
-    hashes = np.sort(np.concatenate(id_hashes))
-    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
-    if not len(repeated):
-        return
-    counts: dict[bytes, int] = {}
-    where: dict[bytes, list[str]] = {}
-    for uri, file_hashes in zip(files, id_hashes, strict=True):
-        hit = np.isin(file_hashes, repeated)
-        if not hit.any():
-            continue
-        fs, path = filesystem(uri, storage)
-        ids = _read_ids(fs, path, column).cast(pa.binary()).to_numpy(zero_copy_only=False)[hit]
-        for value in ids:
-            counts[value] = counts.get(value, 0) + 1
-            where.setdefault(value, []).append(uri)
-    dups = {v: n for v, n in counts.items() if n > 1}
-    if dups:
-        first = min(dups)
-        raise ManifestError(
-            f"manifest column {column!r} must be unique: {len(dups)} ids repeat, e.g. "
-            f"{first.decode('utf-8', 'replace')!r} (x{dups[first]}) in "
-            f"{', '.join(sorted(set(where[first])))}"
-        )
+    if total <= IN_PROCESS_ROWS:
+        # Small enough to check here, before Ray starts; larger plans are checked by remote
+        # tasks at the start of `run` (pipeline/planning/ids.py), still before any model work.
+        check_unique_ids(manifest_plan, job.storage)
+        manifest_plan = dataclasses.replace(manifest_plan, ids_checked=True)
+    return manifest_plan
 
 
 def read_rows(

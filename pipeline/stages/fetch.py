@@ -3,7 +3,8 @@
 Input columns:  shard, row, id, image, image_bytes, questions, question_errors,
                 history_queries, history_answers, status, error
 Output columns: the same, with image_bytes filled, plus image_identity (ETag / size+mtime /
-                content hash) and row_keys (one per question: what "already done" means)
+                content hash) and row_keys (one per question: `planning.modes.row_key`); a row
+                whose every key is in `skip_keys` ends as `unchanged`, never fetched
 
 A location outside the job's allowed locations becomes `invalid_path` before any request is
 made. Objects larger than `limits.max_image_bytes` are `too_large` from their listed size, so
@@ -16,7 +17,6 @@ connects only to the addresses it checked, and bounds the size and the whole fet
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -42,6 +42,7 @@ from pipeline.guards.locations import (
     safe_http_get,
 )
 from pipeline.guards.redact import redact
+from pipeline.planning.modes import key_as_int, row_key
 from pipeline.storage import filesystem, protocol_of
 
 INPUT_COLUMNS = {
@@ -55,16 +56,6 @@ INPUT_COLUMNS = {
 }
 
 
-def row_key(fingerprint: str, row_id: str, identity: str, question: str, history: Any) -> str:
-    """What makes an answer reusable: the same id, image, question, history and job fingerprint."""
-    text = json.dumps([fingerprint, row_id, identity, question, history], ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-def key_as_int(key: str) -> int:
-    return int(key, 16)
-
-
 class FetchStage:
     """Reads image objects through fsspec; one thread pool per task."""
 
@@ -73,13 +64,15 @@ class FetchStage:
         job: JobConfig,
         policy: LocationPolicy,
         fingerprint: str,
-        done_keys: np.ndarray | None = None,
+        skip_keys: Any = None,
     ):
         self.job = job
         self.policy = policy
         self.fingerprint = fingerprint
-        # Sorted uint64 keys of rows already labeled identically (incremental mode only).
-        self.done_keys = done_keys
+        # Sorted uint64 row keys whose rows are marked `unchanged` instead of fetched: an array,
+        # or the ObjectRef of one (mapped from the object store on first use, never pickled
+        # with the stage).
+        self._skip_keys = skip_keys
         self._fs: dict[str, Any] = {}
 
     def _filesystem(self, uri: str) -> tuple[Any, str]:
@@ -194,10 +187,18 @@ class FetchStage:
         out = set_column(out, "image_identity", identity, pa.string())
         return set_column(out, "row_keys", keys, pa.list_(pa.string()))
 
+    @property
+    def skip_keys(self) -> np.ndarray | None:
+        if self._skip_keys is not None and not isinstance(self._skip_keys, np.ndarray):
+            import ray
+
+            self._skip_keys = ray.get(self._skip_keys)
+        return self._skip_keys
+
     def _all_done(self, keys: list[str]) -> bool:
-        if self.done_keys is None or not len(self.done_keys) or not keys:
+        done = self.skip_keys
+        if done is None or not len(done) or not keys:
             return False
         wanted = np.array([key_as_int(k) for k in keys], dtype=np.uint64)
-        pos = np.searchsorted(self.done_keys, wanted)
-        pos = np.minimum(pos, len(self.done_keys) - 1)
-        return bool(np.all(self.done_keys[pos] == wanted))
+        pos = np.minimum(np.searchsorted(done, wanted), len(done) - 1)
+        return bool(np.all(done[pos] == wanted))

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.columns import INFERENCE_ERROR, INVALID_QUESTION, OK, check_columns
+from pipeline.columns import ANSWER_SCHEMA, INFERENCE_ERROR, INVALID_QUESTION, OK, check_columns
 from pipeline.guards.redact import describe_error
 from pipeline.guards.text import fix_surrogates
 from pipeline.runtime.roster import ActorRoster
@@ -50,23 +50,7 @@ INPUT_COLUMNS = {
     "error": "row error",
 }
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("shard", pa.string()),
-        ("row", pa.int64()),
-        ("id", pa.string()),
-        ("question_index", pa.int32()),
-        ("question", pa.string()),
-        ("answer", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("num_tokens", pa.int32()),
-        ("mean_logprob", pa.float32()),  # answer confidence (model-relative), null if no answer
-        ("latency_s", pa.float32()),
-        ("row_key", pa.string()),
-        ("image_identity", pa.string()),
-    ]
-)
+OUTPUT_SCHEMA = ANSWER_SCHEMA  # pipeline/columns.py: the answer rows both engines emit
 
 
 # Text tokens of a prompt besides the image, for the KV-cache estimate (a caption prompt is about
