@@ -20,8 +20,8 @@ from collections import Counter
 import pytest
 
 from pipeline.builder import run
-from pipeline.output.layout import committed_shards, exists, read_output
 from pipeline.output.commit import JobAborted
+from pipeline.output.layout import committed_shards, exists, read_output
 from pipeline.runtime.weights import ModelLoader
 from pipeline.storage import join
 from tests.support import s3

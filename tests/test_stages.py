@@ -15,8 +15,8 @@ import pytest
 from pipeline.builder import default_policy
 from pipeline.columns import StageInputError
 from pipeline.config import JobConfigError, parse_job
-from pipeline.output.layout import committed_shards, read_output
 from pipeline.output.commit import CommitSettings, CommitTracker, JobAborted
+from pipeline.output.layout import committed_shards, read_output
 from pipeline.planning.manifest import ManifestError, plan
 from pipeline.runtime.weights import ModelLoader
 from pipeline.stages.fetch import FetchStage
