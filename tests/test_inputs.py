@@ -266,6 +266,13 @@ def test_images_are_listed_sorted_and_written_as_the_runs_manifest(tmp_path, pho
     # The same listing again is not written again; a new object makes a new listing file.
     before = {f: Path(f).stat().st_mtime_ns for f in p.files}
     assert plan(job).files == p.files and {f: Path(f).stat().st_mtime_ns for f in p.files} == before
+    # An object replaced in place (a broken image fixed): the same files and shards, the file
+    # rewritten with the object's new size.
+    (root / "b.jpg").write_bytes(photo + b"\0")
+    replaced = plan(job)
+    assert replaced.files == p.files and replaced.shards == p.shards
+    size = {r["id"]: r["size"] for r in pq.read_table(p.files[0]).to_pylist()}
+    assert size["b.jpg"] == len(photo) + 1
     (root / "sub" / "e.jpg").write_bytes(photo)
     again = plan(job)
     assert again.total_rows == 7 and again.files != p.files
@@ -349,3 +356,66 @@ def test_images_prefix_end_to_end_incremental(
     out = read_output(job.output.uri, job.storage)
     ids = out.column("id").to_pylist()
     assert sorted(ids) == sorted([*rows, "nested/new.jpg"]) and len(ids) == len(set(ids))
+
+
+@pytest.mark.slow
+def test_images_prefix_retry_failed_after_the_object_is_fixed(
+    ray_cluster, moto_endpoint, bucket, photo_dir, tiny_checkpoint, tmp_path
+):
+    """A broken image under the prefix fails; once it is replaced in the bucket, retry_failed
+    relabels only it, in place, and leaves every other shard as it was."""
+    from pipeline.builder import run
+    from pipeline.output.layout import read_output
+    from pipeline.runtime.weights import ModelLoader
+    from tests.support import s3
+    from tests.support.counting import CountingLoader, answered_rows
+    from tests.support.fault_jobs import listing, make_job
+
+    photos = sorted(photo_dir.glob("*.jpg"))
+    s3.upload_file(moto_endpoint, photos[0], bucket, "retry/a.jpg")
+    s3.put_bytes(moto_endpoint, bucket, "retry/b.jpg", b"\xff\xd8 truncated")
+    s3.upload_file(moto_endpoint, photos[1], bucket, "retry/c/d.jpg")
+    s3.upload_file(moto_endpoint, photos[2], bucket, "retry/e.jpg")
+
+    def job_for(mode: str):
+        data = make_job(moto_endpoint, bucket, tiny_checkpoint, "unused", "out/retry", 2)
+        return data.model_copy(
+            update={
+                "input": data.input.model_copy(
+                    update={"uri": None, "images": f"s3://{bucket}/retry/"}
+                ),
+                "run": data.run.model_copy(update={"mode": mode}),
+            }
+        )
+
+    job = job_for("resume")
+    run(job)
+    first = {r["id"]: r for r in read_output(job.output.uri, job.storage).to_pylist()}
+    assert {k: r["status"] for k, r in first.items()} == {
+        "a.jpg": "ok",
+        "b.jpg": "decode_error",
+        "c/d.jpg": "ok",
+        "e.jpg": "ok",
+    }
+    before = listing(moto_endpoint, bucket, "out/retry/shards/")
+
+    s3.upload_file(moto_endpoint, photos[3], bucket, "retry/b.jpg")  # the fix
+    log = tmp_path / "retry.jsonl"
+    job = job_for("retry_failed")
+    summary = run(job, loader=CountingLoader(ModelLoader(job), str(log)))
+    assert answered_rows(log) == 1 and summary.rows_in == 1
+    after = {r["id"]: r for r in read_output(job.output.uri, job.storage).to_pylist()}
+    assert sorted(after) == sorted(first)
+    assert {k: r["status"] for k, r in after.items()} == dict.fromkeys(first, "ok")
+    assert after["b.jpg"]["answer"] and after["b.jpg"]["size"] == photos[3].stat().st_size
+    for k in ("a.jpg", "c/d.jpg", "e.jpg"):
+        assert (
+            after[k]["answer"] == first[k]["answer"] and after[k]["row_key"] == first[k]["row_key"]
+        )
+    # Only the shard holding b.jpg was rewritten.
+    changed = {
+        k
+        for k, v in listing(moto_endpoint, bucket, "out/retry/shards/").items()
+        if before.get(k) != v
+    }
+    assert changed and all("-000000000-000000002" in k for k in changed), changed

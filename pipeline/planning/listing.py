@@ -8,10 +8,14 @@ the listing is deterministic. Objects whose name ends in one of `input.image_ext
 that match `input.glob` become rows: `id` (the key relative to the prefix), `image` (its URI),
 `size` and `version` (ETag, or size:mtime locally). The rows are written in chunks of
 `_chunk_rows` (a whole number of shards) as `OUT/_input/manifest-<n>-<digest>.parquet`, named by
-their content: an unchanged listing is not written again (a finished job's rerun writes nothing),
-and a changed chunk gets a new name, so its shards get new ids (resume refuses an output planned
-from another listing; incremental runs get a new run id and label only the new or changed
-images). The driver holds one chunk at a time plus the shard list, never the whole listing.
+their keys: an unchanged listing is not written again (a finished job's rerun writes nothing);
+a chunk whose keys changed (an object added or removed) gets a new name, so its shards get new
+ids (resume refuses an output planned from another listing); an object replaced in place keeps
+the chunk's name and shards, and the file is rewritten with its new size and version (so
+retry_failed relabels a broken image once it is fixed, as for a manifest's image replaced under
+its URI). Either way the listing files change, so incremental runs get a new run id and label
+only the new or changed images. The driver holds one chunk at a time plus the shard list, never
+the whole listing.
 Readers of the output skip `_input` (a leading underscore, as Parquet datasets do).
 """
 
@@ -27,6 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
 from pipeline.output.layout import exists, table_to_parquet_bytes, write_bytes_atomic
@@ -47,6 +52,8 @@ LISTING_SCHEMA = pa.schema(
 # Listing rows per manifest file (rounded up to whole shards): bounds the driver's memory.
 LISTING_CHUNK_ROWS = 100_000
 _PAGE = 1000  # objects pulled from the store per call
+# Parquet metadata key of a listing file: the digest of its rows' sizes and versions.
+_CONTENT_KEY = "ziya.listing_content"
 
 
 def _chunk_rows(rows_per_shard: int) -> int:
@@ -115,6 +122,16 @@ def _iter_local(root: str, rel: str) -> Iterator[tuple[str, int, str]]:
             yield key, st.st_size, f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def _content_of(uri: str, storage: Any) -> str | None:
+    """The content digest an existing listing file was written with (None: no such file)."""
+    if not exists(uri, storage):
+        return None
+    fs, path = filesystem(uri, storage)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    return meta.get(_CONTENT_KEY.encode(), b"").decode() or None
+
+
 def plan_images(job: JobConfig) -> ManifestPlan:
     """List `input.images`, write the listing under OUT/_input/, and plan shards over it."""
     images = job.input.images
@@ -145,12 +162,19 @@ def plan_images(job: JobConfig) -> ManifestPlan:
             },
             schema=LISTING_SCHEMA,
         )
-        digest = hashlib.sha1(base.encode())
+        # Named by the keys, so the plan's shards stay the same while the same objects are
+        # listed (an object replaced in place, e.g. a broken image fixed for retry_failed); the
+        # sizes and versions are the file's content, recorded in its metadata and rewritten
+        # when they changed.
+        names = hashlib.sha1(base.encode())
+        content = hashlib.sha1()
         for k, s, v in chunk:
-            digest.update(f"\0{k}\0{s}\0{v}".encode("utf-8", "surrogateescape"))
-        name = f"manifest-{len(files):05d}-{digest.hexdigest()[:12]}.parquet"
+            names.update(f"\0{k}".encode("utf-8", "surrogateescape"))
+            content.update(f"\0{s}\0{v}".encode("utf-8", "surrogateescape"))
+        name = f"manifest-{len(files):05d}-{names.hexdigest()[:12]}.parquet"
         uri = join(job.output.uri, INPUT_DIR, name)
-        if not exists(uri, storage):  # named by content: an existing one holds these rows
+        if _content_of(uri, storage) != content.hexdigest():
+            table = table.replace_schema_metadata({_CONTENT_KEY: content.hexdigest()})
             write_bytes_atomic(uri, table_to_parquet_bytes(table), storage)
         for start in range(0, len(chunk), step):
             end = min(len(chunk), start + step)
