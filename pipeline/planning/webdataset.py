@@ -28,8 +28,8 @@ Members, decided:
 - one key, several image members (`a.jpg` and `a.png`): the extension listed first in
   `input.image_extensions` is the row's image, the others are skipped (counted in the log);
 - a member path repeated in one tar (appended twice): the last one wins, as `tar -x` leaves it;
-- one key in two tars (or twice in a sidecar): the job stops before any model work, as for a
-  manifest whose ids repeat (the ids check every plan goes through: the output is joined on them);
+- one key in two tars (or twice in a sidecar): the job stops before any model work, naming the
+  key and the tars, as for a manifest whose ids repeat (the output is joined on them);
 - only regular files count (a symlink or device member is never followed); a `.txt`/`.json`
   member over `_TEXT_LIMIT` bytes is not kept (null, logged): that is no caption;
 - a truncated tar keeps the members before the cut; the member the cut falls in keeps the bytes
@@ -38,6 +38,7 @@ Members, decided:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ from pipeline.guards.locations import LocationPolicy
 from pipeline.guards.redact import redact
 from pipeline.output.layout import exists, table_to_parquet_bytes, write_bytes_atomic
 from pipeline.planning import manifest as m
+from pipeline.planning.ids import IN_PROCESS_ROWS, check_unique_ids
 from pipeline.planning.manifest import ManifestError, ManifestPlan, Shard, shard_id
 from pipeline.storage import filesystem, full_uri, is_remote, join, protocol_of
 
@@ -381,7 +383,10 @@ def plan_webdataset(job: JobConfig) -> WebDatasetPlan:
             shards.append(Shard(shard_id(idx.uri, start, end), idx.uri, start, end))
     total = sum(i.rows for i in indexed)
     if not total:
-        raise ManifestError(f"WebDataset {job.input.uri}: no tar holds an image member")
+        raise ManifestError(
+            f"WebDataset {job.input.uri}: no samples (no member ending in input.image_extensions, "
+            "no sidecar rows)"
+        )
     log.info(
         "webdataset: %d tars (%d indexed now, %d reused), %d rows in %.1fs",
         len(tars),
@@ -393,7 +398,7 @@ def plan_webdataset(job: JobConfig) -> WebDatasetPlan:
     columns = {"id": "id"}
     if SIDECAR_STATUS in schema.names:
         columns[m.SOURCE_STATUS] = SIDECAR_STATUS
-    return WebDatasetPlan(
+    wds_plan = WebDatasetPlan(
         files=files,
         shards=shards,
         total_rows=total,
@@ -401,6 +406,18 @@ def plan_webdataset(job: JobConfig) -> WebDatasetPlan:
         columns=columns,
         sources=sources,
     )
+    if total <= IN_PROCESS_ROWS:
+        # As for manifests: small enough to check here, before Ray starts; larger plans are
+        # checked by remote tasks at the start of `run`, still before any model work.
+        try:
+            check_unique_ids(wds_plan, job.storage)
+        except ManifestError as err:
+            text = str(err)  # named by the tars, not by their index files
+            for src, idx in zip(tars, indexed, strict=True):
+                text = text.replace(idx.uri, src.uri)
+            raise ManifestError(f"WebDataset keys are the row ids: {text}") from None
+        wds_plan = dataclasses.replace(wds_plan, ids_checked=True)
+    return wds_plan
 
 
 # -- reading a shard (the read stage) -----------------------------------------------------------
