@@ -60,3 +60,13 @@ def test_example_jobs_have_distinct_names_and_submission_ids() -> None:
     jobs = [load_job(p) for p in JOB_FILES]
     assert len({j.name for j in jobs}) == len(jobs)
     assert len({submission_id(j) for j in jobs}) == len(jobs)
+
+
+def test_each_input_kind_has_an_example_job() -> None:
+    """The README's inputs, side by side: a manifest, img2dataset's parquet and webdataset
+    outputs, and a prefix of images, each with a job file in jobs/."""
+    inputs = [load_job(p).input for p in JOB_FILES]
+    assert any(i.uri and i.format == "parquet" and not i.columns for i in inputs)
+    assert any(i.columns.get("image_bytes") == "jpg" for i in inputs)
+    assert any(i.format == "webdataset" for i in inputs)
+    assert any(i.images for i in inputs)
