@@ -4,7 +4,8 @@
     ziya-batch run jobs/caption_dataset.yaml --set resources.actors=4
     ziya-batch submit jobs/caption_dataset.yaml --address http://HEAD:8265 [--wait]
     ziya-batch status|logs|stop SUBMISSION_ID --address http://HEAD:8265
-    ziya-batch report OUTPUT_URI --out report.html
+    ziya-batch report OUTPUT_URI --out report.html [--job job.yaml]
+    ziya-batch merge OUTPUT_URI DEST [--job job.yaml]   # incremental runs -> one Parquet dataset
     ziya-batch playground [--visual DIR --llm DIR]    # web chat + prompt trial (gradio)
 
 Each subcommand lives in its own module under `jobs/`; this file only parses arguments.
@@ -50,12 +51,45 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir)
 
 
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--job",
+        default=None,
+        help="job YAML file: its storage: section (endpoint, region, anon, ...) reaches the "
+        "output; its output.uri is the output when none is given",
+    )
+    p.add_argument(
+        "--endpoint-url",
+        default=None,
+        help="S3-compatible endpoint for s3:// output (replaces the job's storage.endpoint_url)",
+    )
+
+
+def _storage_and_output(args: argparse.Namespace, output: str | None) -> tuple[object, str]:
+    """The job's StorageConfig (with --endpoint-url applied) and the output URI."""
+    from pipeline.config import StorageConfig, load_job
+
+    job = load_job(args.job) if args.job else None
+    storage = job.storage if job else StorageConfig()
+    if args.endpoint_url:
+        storage = storage.model_copy(update={"endpoint_url": args.endpoint_url})
+    output = output or (job.output.uri if job else None)
+    if not output:
+        raise SystemExit(f"ziya-batch {args.command}: give the output URI, or --job FILE")
+    return storage, output
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML report of a run's output")
-    p.add_argument("output", help="the job's output URI (local path, s3://, gs://)")
+    p.add_argument(
+        "output",
+        nargs="?",
+        default=None,
+        help="the job's output URI (local path, s3://, gs://); default: --job's output.uri",
+    )
     p.add_argument("--out", default="report.html", help="HTML file to write")
     p.add_argument("--sample", type=int, default=200, help="rows shown in the gallery")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// output")
+    _storage_args(p)
     p.add_argument(
         "--least-confident",
         type=int,
@@ -66,16 +100,68 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from pipeline.output.layout import LegacyOutputError
     from pipeline.output.report import write_report
 
-    path = write_report(
-        args.output,
-        args.out,
-        sample=args.sample,
-        endpoint_url=args.endpoint_url,
-        least_confident=args.least_confident,
-    )
+    storage, output = _storage_and_output(args, args.output)
+    try:
+        path = write_report(
+            output,
+            args.out,
+            sample=args.sample,
+            least_confident=args.least_confident,
+            storage=storage,
+        )
+    except LegacyOutputError as err:
+        raise SystemExit(f"ziya-batch report: {err}") from None
     print(f"report written to {path}")
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="write an output's newest answer per (id, question) as a plain Parquet dataset "
+        "(incremental outputs: one row per key over every run)",
+    )
+    p.add_argument("output", help="the job's output URI (OUT, holding runs/ when incremental)")
+    p.add_argument("dest", help="where the dataset goes (local path, s3://, gs://): outside OUT")
+    _storage_args(p)
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=500_000,
+        help="about this many rows per output file (each is built in memory on its own)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DEST")
+    p.add_argument("--tmp-dir", default=None, help="local spill directory (default: system temp)")
+    p.set_defaults(func=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pipeline.output.layout import LegacyOutputError
+    from pipeline.output.merge import MergeError, merge
+
+    storage, output = _storage_and_output(args, args.output)
+    try:
+        result = merge(
+            output,
+            args.dest,
+            storage=storage,
+            rows_per_file=args.rows_per_file,
+            overwrite=args.overwrite,
+            tmp_dir=args.tmp_dir,
+        )
+    except (MergeError, LegacyOutputError) as err:
+        raise SystemExit(f"ziya-batch merge: {err}") from None
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    what = (
+        f"newest answers of {len(result.runs)} runs ({result.rows_read:,} rows read)"
+        if result.incremental
+        else "a plain output: its committed shards copied"
+    )
+    print(f"{result.rows:,} rows in {len(result.files)} files at {result.dest}: {what}")
     return 0
 
 
@@ -129,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_demo(sub)
     _add_report(sub)
+    _add_merge(sub)
     _add_playground(sub)
     from jobs import submit
 

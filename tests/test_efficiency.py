@@ -201,7 +201,7 @@ def test_report_shows_the_efficiency_figures(tmp_path):
     from tests.support.run_layout import write_layout
 
     layout = write_layout(tmp_path / "out", tmp_path / "images")
-    path = layout.out / "summary.json"
+    path = layout.out / "_summary.json"
     summary = json.loads(path.read_text())
     job = _job(resources={"gpus_per_actor": 1, "gpu_type": "H200"})
     totals = {"images": 24, "busy_s": 3.0, "actor_wall_s": 4.0}

@@ -83,9 +83,9 @@ def test_finished_run_gallery_escaping_and_self_contained(layout: Layout, tmp_pa
     assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
     assert "<link" not in text and "@import" not in text
 
-    # Summary from summary.json; all failed rows listed with their errors.
+    # Summary from _summary.json; all failed rows listed with their errors.
     assert "finished: 2 shards committed" in text
-    assert "in progress" not in text and "source</th><td>summary.json" in text
+    assert "in progress" not in text and "source</th><td>_summary.json" in text
     assert MODEL in text and "31.50" in text  # tokens_per_s from the summary
     failed = [r for r in layout.rows if r["status"] != "ok"]
     assert f'<b id="failed-count">{len(failed)}</b>' in text
@@ -108,7 +108,7 @@ def test_in_progress_run_is_reported_from_committed_shards(tmp_path: Path):
 
 def test_no_rate_without_two_commits_a_second_apart(tmp_path: Path):
     layout = write_layout(tmp_path / "out", tmp_path / "images", finished=False)
-    for path in (layout.out / "shards").glob("*.stats.json"):
+    for path in (layout.out / "_stats").glob("*.json"):
         stats = json.loads(path.read_text())
         path.write_text(json.dumps({**stats, "committed_at": "2026-01-01T00:00:00Z"}))
     text, page = _report(str(layout.out), tmp_path, sample=1000)
@@ -116,12 +116,11 @@ def test_no_rate_without_two_commits_a_second_apart(tmp_path: Path):
 
 
 def test_unreadable_shard_is_named_and_skipped(layout: Layout, tmp_path: Path):
-    shards = layout.out / "shards"
-    bad = next(p for p in shards.glob("*.parquet") if not p.with_suffix(".stats.json").exists())
-    bad.write_bytes(b"PAR1 truncated")
-    bad.with_suffix(".stats.json").write_text("{}")  # committed, but its rows cannot be read
+    [uncommitted] = {p.stem for p in (layout.out / "_stats").glob("*.json")} - set(layout.shard_ids)
+    bad = layout.out / "shards" / f"{uncommitted}.parquet"
+    bad.write_bytes(b"PAR1 truncated")  # committed (its data file exists), but unreadable
     text, page = _report(str(layout.out), tmp_path, sample=1000)
-    assert f"shard {bad.stem} unreadable, skipped" in text
+    assert f"shard {uncommitted} unreadable, skipped" in text
     assert len(page.items()) == len(layout.rows)
 
 
@@ -157,8 +156,12 @@ def test_cli_writes_report(layout: Layout, tmp_path: Path, capsys):
 
 
 def test_report_from_s3(tmp_path: Path, monkeypatch):
-    """Output and images in a moto S3 server over HTTP on 127.0.0.1, reached via --endpoint-url."""
-    from tests.support.s3 import aws_env, moto_s3
+    """Output and images in a moto S3 server over HTTP on 127.0.0.1, reached via --endpoint-url,
+    then via the job file's `storage:` section (`--job`)."""
+    import yaml
+
+    from jobs.cli import main
+    from tests.support.s3 import REGION, aws_env, moto_s3
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # a session fixture may have set it
     layout = write_layout(tmp_path / "out", tmp_path / "images", image_prefix="s3://runs/images")
@@ -167,26 +170,74 @@ def test_report_from_s3(tmp_path: Path, monkeypatch):
         s3.upload_dir(layout.out, "runs", "job1/")
         s3.upload_dir(tmp_path / "images", "runs", "images/")
         text, page = _report("s3://runs/job1", tmp_path, sample=1000, endpoint_url=s3.endpoint_url)
+        job = tmp_path / "job.yaml"
+        job.write_text(
+            yaml.safe_dump(
+                {
+                    "input": {"uri": "s3://runs/m.parquet"},
+                    "output": {"uri": "s3://runs/job1"},
+                    "model": {"visual": "v", "llm": "l"},
+                    "storage": {"endpoint_url": s3.endpoint_url, "region": REGION},
+                }
+            )
+        )
+        by_job = tmp_path / "by-job.html"
+        assert (
+            main(
+                [
+                    "report",
+                    "--job",
+                    str(job),
+                    "--out",
+                    str(by_job),
+                    "--sample",
+                    "1000",
+                    "--least-confident",
+                    "0",
+                ]
+            )
+            == 0
+        )
     assert len(page.items()) == len(layout.rows)
     for rid in layout.uncommitted_ids:
         assert rid not in text
     readable = [r for r in layout.rows if r["status"] == "ok"]
     assert text.count("data:image/jpeg;base64,") == len(readable)
     assert "finished: 2 shards committed" in text
+    # The same page from the job's storage options (the output URI taken from the job too).
+    job_text = by_job.read_text("utf-8")
+    assert len(_Page(job_text).items()) == len(layout.rows)
+    assert job_text.count("data:image/jpeg;base64,") == len(readable)
 
 
-def test_incremental_output_reports_latest_run(tmp_path: Path):
-    """OUT/runs/<run_id>/ (incremental mode): the latest run by its run.json start time."""
+def test_incremental_output_reports_newest_answers_of_every_run(tmp_path: Path):
+    """OUT/runs/<run_id>/ (incremental mode): the newest answer per (id, question_index) over
+    every run (ordered by their _run.json start time), the page saying how many runs it merges;
+    the banner and summary follow the latest run."""
+    import pyarrow.parquet as pq
+
     out = tmp_path / "out"
-    older = write_layout(out / "runs" / "aaa", tmp_path / "img1", finished=False)
-    newer = write_layout(out / "runs" / "bbb", tmp_path / "img2")
-    (out / "runs" / "aaa" / "run.json").write_text(json.dumps({"started_at": 100.0}))
-    (out / "runs" / "bbb" / "run.json").write_text(json.dumps({"started_at": 200.0}))
-    (out / "runs" / "bbb" / "shards" / f"{newer.shard_ids[0]}.stats.json").unlink()
+    older = write_layout(out / "runs" / "bbb", tmp_path / "img1", finished=False)
+    newer = write_layout(out / "runs" / "aaa", tmp_path / "img2")
+    (out / "runs" / "bbb" / "_run.json").write_text(json.dumps({"started_at": 100.0}))
+    (out / "runs" / "aaa" / "_run.json").write_text(json.dumps({"started_at": 200.0}))
+    # The newer run relabeled only its second shard (ids 12..23): its first is not committed.
+    (out / "runs" / "aaa" / "shards" / f"{newer.shard_ids[0]}.parquet").unlink()
+    relabeled = out / "runs" / "aaa" / "shards" / f"{newer.shard_ids[1]}.parquet"
+    table = pq.read_table(relabeled)
+    answers = [None if a is None else f"NEWER {a}" for a in table.column("answer").to_pylist()]
+    pq.write_table(table.set_column(table.column_names.index("answer"), "answer", [answers]),
+                   relabeled)  # fmt: skip
     text, page = _report(str(out), tmp_path, sample=1000)
-    assert "incremental output with 2 runs: this report shows the latest, bbb" in text
-    assert len(page.items()) == 12 == len(older.rows) // 2  # bbb's second shard only
-    assert "finished: 1 shards committed" in text
+    assert "the newest answer per (id, question) merged over 2 runs (bbb, aaa, oldest first)" in (
+        text.replace("&#x27;", "'")
+    )
+    assert "12 older answers replaced by a later run" in text
+    # Each of the 24 ids once: 0..11 from the older run, 12..23 with the newer run's answers.
+    assert sorted(page.item_ids) == sorted(r["id"] for r in older.rows)
+    assert text.count("NEWER A photograph") == sum(r["status"] == "ok" for r in older.rows[12:])
+    assert "finished: 3 shards committed in 2 runs" in text
+    assert "runs/aaa/_summary.json (the latest run&#x27;s)" in text
 
 
 def test_least_confident_answers_of_the_whole_run(layout: Layout, tmp_path: Path):

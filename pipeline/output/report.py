@@ -1,10 +1,19 @@
 """A self-contained HTML report of one run's output: summary, charts, gallery, failures.
 
-    ziya-batch report OUTPUT_URI --out report.html [--sample 200] [--endpoint-url URL]
+    ziya-batch report OUTPUT_URI --out report.html [--sample 200] [--job job.yaml | --endpoint-url URL]
 
-Reads the output layout (see ARCHITECTURE.md, "Output layout") from local disk or object
-storage through fsspec. Only committed shards count (a `.parquet` whose `.stats.json` exists),
-so a run still in progress, or interrupted, is reported from what is committed.
+Reads the output through `pipeline.output.layout`, the route every reader of the output takes
+(see ARCHITECTURE.md, "Output layout"): the committed shards (`layout.committed`: a shard's
+data file under shards/ is its commit, staging is never read), their `_stats/` files and the
+`_summary.json` / `_SUCCESS` markers, with the job's `StorageConfig` (endpoint, region,
+anonymous access), so a run still in progress, or interrupted, is reported from what is
+committed. An incremental output (OUT/runs/<run_id>/) is reported as its newest-answer view
+over every run, the view `ziya-batch merge` writes (the page says how many runs it merges).
+
+Memory: shards are streamed (a few at a time); what grows with the output is the status
+counts' and histograms' values (a number or two per row) and, for an incremental output, the
+key hashes of every run after the oldest (`merge.NewestFilter`, about 10 bytes per row of
+those runs). The gallery, the failed-row list and the least-confident list are bounded.
 
 The page has no external assets and makes no requests: CSS and JS are inline, charts are SVG
 drawn here, thumbnails are base64 JPEGs. Every value from the data (answers, questions, errors,
@@ -32,21 +41,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.columns import OUTPUT_COLUMNS
+from pipeline.config import StorageConfig
+from pipeline.output import layout
+from pipeline.output.merge import KEY, NewestFilter
 from pipeline.runtime.efficiency import rows as efficiency_rows
+from pipeline.storage import filesystem, join, protocol_of
 
-# Output columns every shard has (pipeline/output/writer.py); anything else is a manifest pass-through
+# Output columns every shard has (pipeline/columns.py); anything else is a manifest pass-through
 # column, shown under each gallery item.
-CORE_COLUMNS = ("id", "task", "question_index", "question", "answer", "status", "error",
-                "num_tokens", "mean_logprob", "latency_s", "model", "generation", "row_key",
-                "image_identity", "manifest_row")  # fmt: skip
+CORE_COLUMNS = ("id", *OUTPUT_COLUMNS)
 # `least_confident`: the least confident answers of the whole run get their own section (a random
 # sample of a million rows would rarely show the doubtful ones): the point of a confidence column.
 MAX_FAILED_LISTED = 1000
@@ -81,61 +91,23 @@ class RunData:
     task: str | None = None
     generation: str | None = None
     warnings: list[str] = field(default_factory=list)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    runs: list[str] = field(default_factory=list)  # incremental runs merged, oldest first
+    replaced: int = 0  # rows of older runs hidden by a later run's answer
 
 
-def _storage_options(uri: str, endpoint_url: str | None) -> dict[str, Any]:
-    """fsspec options: only the endpoint travels; credentials come from the default chain."""
-    proto, _ = split_protocol(uri)
-    if proto in ("s3", "s3a") and endpoint_url:
-        return {"client_kwargs": {"endpoint_url": endpoint_url}}
-    return {}
-
-
-def committed_shards(fs: Any, root: str) -> list[str]:
-    """Shard ids whose `.stats.json` commit marker exists beside their `.parquet`, sorted."""
-    try:
-        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/shards", detail=False)}
-    except FileNotFoundError:
-        return []
-    return sorted(
-        n[: -len(".stats.json")]
-        for n in names
-        if n.endswith(".stats.json") and n[: -len(".stats.json")] + ".parquet" in names
-    )
-
-
-def _run_root(fs: Any, root: str) -> tuple[str, str | None]:
-    """The directory holding `shards/`: OUT itself, or for an incremental output (which has
-    OUT/runs/<run_id>/ instead) its latest run, with a note saying so."""
-    if fs.exists(f"{root}/shards") or not fs.exists(f"{root}/runs"):
-        return root, None
-    runs = []
-    for entry in fs.ls(f"{root}/runs", detail=False):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            started = float(json.loads(fs.cat_file(f"{entry.rstrip('/')}/run.json"))["started_at"])
-            runs.append((started, entry.rstrip("/")))
-    if not runs:
-        return root, None
-    latest = max(runs)[1]
-    name = latest.rsplit("/", 1)[-1]
-    return latest, (
-        f"incremental output with {len(runs)} runs: this report shows the latest, {name} "
-        "(pass OUTPUT/runs/<run_id> for another)"
-    )
-
-
-def _read_shards(fs: Any, root: str, shards: list[str], window: int = 8) -> Iterator[Any]:
-    """(stats, table) per shard in order, or the exception that made it unreadable.
+def _read_shards(
+    shards: list[layout.CommittedShard], storage: StorageConfig, window: int = 8
+) -> Iterator[Any]:
+    """The table of each committed shard in order, or the exception that made it unreadable.
 
     Reads run `window` ahead on threads (object storage is latency-bound); the window bounds
     how many shards sit in memory at once.
     """
 
-    def read(shard: str) -> Any:
+    def read(s: layout.CommittedShard) -> Any:
         try:
-            stats = json.loads(fs.cat_file(f"{root}/shards/{shard}.stats.json"))
-            data = fs.cat_file(f"{root}/shards/{shard}.parquet")
-            return stats, pq.read_table(pa.BufferReader(data))
+            return layout.read_shard(s.run_uri, s.shard_id, storage)
         except (OSError, ValueError) as e:
             return e
 
@@ -149,39 +121,99 @@ def _read_shards(fs: Any, root: str, shards: list[str], window: int = 8) -> Iter
             yield pending.popleft().result()
 
 
+def _storage(storage: StorageConfig | None, endpoint_url: str | None) -> StorageConfig:
+    """The job's storage options; `endpoint_url`, when given, replaces its endpoint."""
+    storage = storage or StorageConfig()
+    if endpoint_url:
+        storage = storage.model_copy(update={"endpoint_url": endpoint_url})
+    return storage
+
+
+def _read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:
+    fs, path = filesystem(uri, storage)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def _newest_filter(
+    shards: list[layout.CommittedShard], runs: list[str], storage: StorageConfig
+) -> NewestFilter:
+    """The keys of every run after the oldest (only their id and question_index are read)."""
+    view = NewestFilter(runs)
+    later = [s for s in shards if s.run != runs[0]]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parts = list(
+            pool.map(
+                lambda s: (s.run, layout.read_shard(s.run_uri, s.shard_id, storage, list(KEY))),
+                later,
+            )
+        )
+    view.add_later_keys(parts)
+    return view
+
+
 def load_run(
     output_uri: str,
     sample: int,
     endpoint_url: str | None = None,
     seed: int = 0,
     least_confident: int = 0,
+    storage: StorageConfig | None = None,
 ) -> RunData:
     """Read every committed shard once, keeping counts, distributions and a bounded sample.
 
-    The sample is bottom-k by a per-row random key seeded from (seed, shard id), kept
-    separately for failed and ok rows, so it is deterministic, independent of shard order,
-    and needs memory for `sample` rows only. The `least_confident` ok rows of lowest
-    `mean_logprob` in the whole run are kept the same way (bottom-k, streaming).
+    The shards are those of `layout.committed` (every run of an incremental output, whose
+    newest answer per (id, question_index) is what counts: see `merge.NewestFilter`). The
+    sample is bottom-k by a per-row random key seeded from (seed, shard), kept separately for
+    failed and ok rows, so it is deterministic, independent of shard order, and needs memory
+    for `sample` rows only. The `least_confident` ok rows of lowest `mean_logprob` in the whole
+    output are kept the same way (bottom-k, streaming).
     """
-    fs, root = fsspec.core.url_to_fs(output_uri, **_storage_options(output_uri, endpoint_url))
-    root, note = _run_root(fs, root.rstrip("/"))
-    shards = committed_shards(fs, root)
-    summary = None
-    if fs.exists(f"{root}/summary.json"):
-        summary = json.loads(fs.cat_file(f"{root}/summary.json"))
-    run = RunData(
-        output_uri, shards, [], summary, summary is not None and fs.exists(f"{root}/_SUCCESS")
-    )
-    if note:
-        run.warnings.append(note)
+    storage = _storage(storage, endpoint_url)
+    shards = layout.committed(output_uri, storage)
+    runs = list(dict.fromkeys(s.run for s in shards if s.run))
+    if runs:
+        # An incremental output: each run has its own markers; the latest one tells whether
+        # the output is finished, and its summary is the last invocation's.
+        last_run = join(output_uri, layout.RUNS_DIR, runs[-1])
+        summary = _read_json(join(last_run, layout.SUMMARY), storage)
+        finished = summary is not None and layout.exists(join(last_run, layout.SUCCESS), storage)
+    else:
+        summary = _read_json(join(output_uri, layout.SUMMARY), storage)
+        finished = summary is not None and layout.exists(join(output_uri, layout.SUCCESS), storage)
+    names = [f"{s.run}/{s.shard_id}" if s.run else s.shard_id for s in shards]
+    run = RunData(output_uri, names, [], summary, finished, storage=storage, runs=runs)
+    by_run: dict[str | None, list[str]] = {}
+    for s in shards:
+        by_run.setdefault(s.run, []).append(s.shard_id)
+    stats_of: dict[tuple[str | None, str], dict] = {}
+    for r, ids in by_run.items():
+        run_uri = join(output_uri, layout.RUNS_DIR, r) if r else output_uri
+        stats_of.update({(r, k): v for k, v in layout.read_stats(run_uri, ids, storage).items()})
+    no_stats = sum(not v for v in stats_of.values())
+    if no_stats:
+        run.warnings.append(f"{no_stats} committed shards have no stats file: figures omit them")
+    view = _newest_filter(shards, runs, storage) if len(runs) > 1 else None
+    if runs:
+        run.warnings.append(
+            f"incremental output: the newest answer per (id, question) merged over {len(runs)} "
+            f"run{'s' if len(runs) > 1 else ''} ({', '.join(runs)}, oldest first)"
+        )
     best: dict[bool, list[tuple[float, int, int, dict]]] = {True: [], False: []}
     lowest: list[tuple[float, int, int, dict]] = []  # least confident ok answers, bottom-k
-    for si, (shard, got) in enumerate(zip(shards, _read_shards(fs, root, shards), strict=True)):
+    reads = _read_shards(shards, storage)
+    for si, (shard, name, got) in enumerate(zip(shards, names, reads, strict=True)):
         if isinstance(got, Exception):
-            run.warnings.append(f"shard {shard} unreadable, skipped: {type(got).__name__}: {got}")
+            run.warnings.append(f"shard {name} unreadable, skipped: {type(got).__name__}: {got}")
             continue
-        stats, table = got
+        stats, table = stats_of.get((shard.run, shard.shard_id)) or {}, got
         run.stats.append(stats)
+        if view is not None and table.num_rows:
+            keep = view.keep(shard.run, table)
+            run.replaced += int((~keep).sum())
+            table = table.filter(pa.array(keep))
         table = table.drop_columns(
             [c for c in ("image_bytes", "pixels") if c in table.column_names]
         )
@@ -222,7 +254,7 @@ def load_run(
             rows = table.take(idx).to_pylist() if len(idx) else []
             cand = [(float(lp[i]), si, int(i), r) for i, r in zip(idx, rows, strict=True)]
             lowest = heapq.nsmallest(least_confident, lowest + cand, key=lambda t: t[:3])
-        keys = np.random.default_rng([seed, zlib.crc32(shard.encode())]).random(n)
+        keys = np.random.default_rng([seed, zlib.crc32(name.encode())]).random(n)
         for is_ok in (True, False):
             idx = np.flatnonzero(ok == is_ok)
             idx = idx[np.argsort(keys[idx], kind="stable")[:sample]]
@@ -235,6 +267,10 @@ def load_run(
     chosen = best[False][:n_failed] + best[True][: sample - n_failed]
     run.sample = [r for *_, r in sorted(chosen, key=lambda t: (t[1], t[2]))]
     run.doubtful = [r for *_, r in lowest]
+    if run.replaced:
+        run.warnings.append(
+            f"{run.replaced:,} older answers replaced by a later run are not counted or shown"
+        )
     return run
 
 
@@ -249,14 +285,17 @@ def _epoch(value: Any) -> float | None:
 
 
 def summarize(run: RunData) -> dict[str, Any]:
-    """The run's headline numbers: summary.json of a finished run, else computed from stats.
+    """The run's headline numbers: _summary.json of a finished run (of its latest run for an
+    incremental output), else computed from the committed shards' stats files.
 
     Without a summary, rates are measured between the first and the last commit (the stats
     files hold commit times, to the second): rows committed after the first commit over that
     span. With fewer than two commits a second apart there is no honest rate to show.
     """
     if run.finished and run.summary is not None:
-        return {**run.summary, "source": "summary.json"}
+        where = f"runs/{run.runs[-1]}/" if run.runs else ""
+        latest = " (the latest run's)" if run.runs else ""
+        return {**run.summary, "source": f"{where}{layout.SUMMARY}{latest}"}
     timed = sorted(
         ((t, s) for s in run.stats if (t := _epoch(s.get("committed_at"))) is not None),
         key=lambda ts: ts[0],
@@ -357,14 +396,19 @@ def histogram(values: np.ndarray, title: str, unit: str, bins: int = 20) -> str:
             f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">{bars}{axis}</svg></figure>')  # fmt: skip
 
 
-def thumbnail(uri: str | None, endpoint_url: str | None = None) -> tuple[str | None, str]:
-    """A ~160px base64 JPEG data URI of the image at `uri`, or (None, why there is none)."""
+def thumbnail(
+    uri: str | None, storage: StorageConfig | None = None, fs: Any = None
+) -> tuple[str | None, str]:
+    """A ~160px base64 JPEG data URI of the image at `uri`, or (None, why there is none).
+
+    `fs` is a filesystem for `uri`'s protocol to reuse (else one is made from `storage`)."""
     if not uri:
         return None, "no image URI"
     if split_protocol(uri)[0] not in (None, "file", "s3", "s3a", "gs", "gcs"):
         return None, "not fetched (remote URL)"
     try:
-        with fsspec.open(uri, "rb", **_storage_options(uri, endpoint_url)) as f:
+        made, path = filesystem(uri, storage)
+        with (fs or made).open(path, "rb") as f:
             data = f.read(MAX_THUMB_SOURCE_BYTES + 1)
         if len(data) > MAX_THUMB_SOURCE_BYTES:
             return None, "image too large for a thumbnail"
@@ -385,9 +429,7 @@ def thumbnail(uri: str | None, endpoint_url: str | None = None) -> tuple[str | N
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode(), ""
 
 
-def gallery(
-    run: RunData, endpoint_url: str | None = None, rows: list[dict[str, Any]] | None = None
-) -> str:
+def gallery(run: RunData, rows: list[dict[str, Any]] | None = None) -> str:
     """One <article> per row (the sample unless `rows`): thumbnail, id, question, answer,
     confidence, status, error, extras."""
     doubtful = rows is not None  # the least-confident section: its own class, not a sample item
@@ -401,8 +443,15 @@ def gallery(
             if isinstance(r.get("image"), str) and r.get("status") in THUMB_STATUSES
         }
     )
+    # One filesystem per protocol (an s3fs instance per image would cost a session each).
+    fss: dict[str, Any] = {}
+    for u in uris:
+        if protocol_of(u) not in fss:
+            with contextlib.suppress(Exception):  # unusable: each thumbnail says why
+                fss[protocol_of(u)] = filesystem(u, run.storage)[0]
     with ThreadPoolExecutor(max_workers=8) as pool:  # object storage reads are latency-bound
-        thumbs = dict(zip(uris, pool.map(lambda u: thumbnail(u, endpoint_url), uris), strict=True))
+        found = pool.map(lambda u: thumbnail(u, run.storage, fss.get(protocol_of(u))), uris)
+        thumbs = dict(zip(uris, found, strict=True))
     items = []
     for r in rows:
         why_not = "no image URI" if not r.get("image") else "not read by the run"
@@ -455,20 +504,21 @@ def failed_table(run: RunData) -> str:
             f"<tr><th>id</th><th>status</th><th>error</th><th>image</th></tr>{rows}</table>")  # fmt: skip
 
 
-def render(run: RunData, endpoint_url: str | None = None) -> str:
+def render(run: RunData) -> str:
     """The whole page: the template with each {{slot}} filled in one pass."""
     s = summarize(run)
-    banner = (f'<div class="banner done">finished: {len(run.stats)} shards committed</div>'
+    runs = f" in {len(run.runs)} runs" if len(run.runs) > 1 else ""
+    banner = (f'<div class="banner done">finished: {len(run.stats)} shards committed{runs}</div>'
               if run.finished else
               f'<div class="banner progress">run in progress or interrupted: {len(run.stats)} '
-              "shards committed (no _SUCCESS/summary.json yet); figures below are from what is committed</div>")  # fmt: skip
+              f"shards committed{runs} (no _SUCCESS/_summary.json yet); figures below are from what is committed</div>")  # fmt: skip
     banner += "".join(f'<div class="banner warn">{_esc(w)}</div>' for w in run.warnings)
     gen = s.get("generation")
     if isinstance(gen, str):
         with contextlib.suppress(ValueError):  # not JSON: shown as the string it is
             gen = json.loads(gen)
     by_status = ", ".join(f"{k}: {v:,}" for k, v in sorted(run.statuses.items()))
-    # summary.json counts the last invocation only (a resumed run skips committed shards), so
+    # _summary.json counts the last invocation only (a resumed run skips committed shards), so
     # the row counts by status always come from the committed shards themselves.
     facts = [
         ("rows in output", f"{run.rows:,}"),
@@ -487,7 +537,7 @@ def render(run: RunData, endpoint_url: str | None = None) -> str:
         ("output", _esc(run.output)),
         ("source", _esc(s["source"])),
     ]
-    # Efficiency (summary.json of a finished run only): tokens/s per GPU, busy, roofline.
+    # Efficiency (_summary.json of a finished run only): tokens/s per GPU, busy, roofline.
     facts += [(_esc(k), _esc(v)) for k, v in efficiency_rows(s.get("efficiency"))]
     batch_lat = [float(x) for st in run.stats for x in (st.get("batch_latency_s") or [])]
     lat = np.asarray(batch_lat) if batch_lat else np.concatenate([np.zeros(0), *run.row_latency])
@@ -507,11 +557,11 @@ def render(run: RunData, endpoint_url: str | None = None) -> str:
         "charts": charts,
         "filters": buttons,
         "sample_size": f"{len(run.sample):,} of {run.rows:,}",
-        "doubtful": gallery(run, endpoint_url, run.doubtful)
+        "doubtful": gallery(run, run.doubtful)
         if run.doubtful
         else '<p class="muted">none listed (no answer confidence in this output, or the '
         "report was written with least_confident=0)</p>",
-        "gallery": gallery(run, endpoint_url),
+        "gallery": gallery(run),
         "failed": failed_table(run),
         "data": _script_json({"sample": len(run.sample), "statuses": dict(sample_statuses)}),
     }
@@ -529,11 +579,14 @@ def write_report(
     endpoint_url: str | None = None,
     seed: int = 0,
     least_confident: int = 0,
+    storage: StorageConfig | None = None,
 ) -> str:
     """Write the HTML report of the run at `output_uri` to the local file `out_path`.
 
-    `least_confident` > 0 adds a section with that many ok answers of lowest confidence in the
-    whole run (the CLI shows 24), beside the random gallery sample.
+    `storage` is the job's `storage:` section (endpoint, region, anonymous access);
+    `endpoint_url`, when given, replaces its endpoint. `least_confident` > 0 adds a section
+    with that many ok answers of lowest confidence in the whole run (the CLI shows 24), beside
+    the random gallery sample.
     """
     run = load_run(
         output_uri,
@@ -541,8 +594,9 @@ def write_report(
         endpoint_url=endpoint_url,
         seed=seed,
         least_confident=max(0, least_confident),
+        storage=storage,
     )
-    page = render(run, endpoint_url)
+    page = render(run)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")

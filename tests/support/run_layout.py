@@ -4,7 +4,9 @@ Used by the report tests: real Parquet written with pyarrow, real photographs fr
 `skimage.data` saved as JPEGs and referenced by the `image` column, failed rows of several
 kinds (a missing image, a zero-byte file, an undecodable file, an invalid question, a
 refused location), one answer
-that is an HTML/script injection attempt, and one shard left uncommitted (no `.stats.json`).
+that is an HTML/script injection attempt, and one shard left uncommitted the way a killed run
+leaves it: its rows staged under `_staging/`, its stats file written but not its data file
+under `shards/`, and a writer's hidden temp file beside the committed shards.
 
     layout = write_layout(tmp_path / "out", tmp_path / "images")
     layout.rows            # the committed rows, as written (expected values come from these)
@@ -97,10 +99,17 @@ def _row(i: int, image: str, kind: str) -> dict:
     }
 
 
-def _write_shard(shard_dir: Path, shard_id: str, rows: list[dict], commit: bool, t0: float) -> None:
-    pq.write_table(pa.Table.from_pylist(rows), shard_dir / f"{shard_id}.parquet")
+def _write_shard(out: Path, shard_id: str, rows: list[dict], commit: bool, t0: float) -> None:
+    """Commit order of pipeline/output/layout.py: `_stats/<id>.json`, then `shards/<id>.parquet`.
+
+    Uncommitted: the rows staged by workers and the stats file, no data file (a crash between
+    the two writes of the commit), and a half-written hidden temp file."""
+    table = pa.Table.from_pylist(rows)
     if not commit:
-        return
+        staged = out / "_staging" / shard_id
+        staged.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, staged / "block-0.parquet")
+        (out / "shards" / f".{shard_id}.parquet.0f0f.tmp").write_bytes(b"PAR1 half written")
     statuses = Counter(r["status"] for r in rows)
     stats = {
         "shard": shard_id,
@@ -112,13 +121,17 @@ def _write_shard(shard_dir: Path, shard_id: str, rows: list[dict], commit: bool,
         "committed_at": t0 + 2.0,
         "batch_latency_s": [0.2 + 0.05 * k for k in range(len(rows) // 4 + 1)],
     }
-    (shard_dir / f"{shard_id}.stats.json").write_text(json.dumps(stats))
+    (out / "_stats").mkdir(parents=True, exist_ok=True)
+    (out / "_stats" / f"{shard_id}.json").write_text(json.dumps(stats))
+    if commit:
+        pq.write_table(table, out / "shards" / f"{shard_id}.parquet")
 
 
 def write_layout(
     out: Path, images_dir: Path, image_prefix: str | None = None, finished: bool = True
 ) -> Layout:
-    """Three shards of 12 rows: two committed, one not; `_SUCCESS` + summary when `finished`.
+    """Three shards of 12 rows: two committed, one not; `_SUCCESS` + `_summary.json` when
+    `finished`.
 
     `image_prefix` replaces the images directory in the `image` URIs (for example
     `s3://bucket/images` when the images are uploaded there afterwards).
@@ -146,13 +159,12 @@ def write_layout(
         rows.append(_row(i, image, kind))
     rows[5]["answer"] = INJECTION
     rows[6]["source"] = "</script><marquee>moving pass-through</marquee>"
-    shard_dir = out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
     path_hash = f"{zlib.crc32(str(images_dir / 'manifest.parquet').encode()):08x}"
     shard_ids = [f"manifest-{path_hash}-{a:09d}-{a + 12:09d}" for a in (0, 12, 24)]
     t0 = 1_700_000_000.0
     for k, sid in enumerate(shard_ids):
-        _write_shard(shard_dir, sid, rows[12 * k : 12 * k + 12], commit=k < 2, t0=t0 + 2.0 * k)
+        _write_shard(out, sid, rows[12 * k : 12 * k + 12], commit=k < 2, t0=t0 + 2.0 * k)
     committed = rows[:24]
     if finished:
         statuses = Counter(r["status"] for r in committed)
@@ -172,6 +184,6 @@ def write_layout(
             "shards_committed": 2,
             "finished_at": "2026-01-01T00:00:00+00:00",
         }
-        (out / "summary.json").write_text(json.dumps(summary))
+        (out / "_summary.json").write_text(json.dumps(summary))
         (out / "_SUCCESS").write_text("")
     return Layout(out, committed, [r["id"] for r in rows[24:]], shard_ids[:2], rows[5]["id"])
