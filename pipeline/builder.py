@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.columns import OUTPUT_COLUMNS
 from pipeline.config import JobConfig
-from pipeline.guards.locations import LocationPolicy
+from pipeline.guards.locations import LocationPolicy, default_policy
 from pipeline.output import layout
 from pipeline.output.commit import CommitSettings, CommitTracker
 from pipeline.planning.ids import check_unique_ids
@@ -37,7 +37,7 @@ from pipeline.stages.infer import InferStage
 from pipeline.stages.preprocess import PreprocessStage
 from pipeline.stages.read import ReadStage
 from pipeline.stages.write import WriteStage
-from pipeline.storage import filesystem, is_remote, join, protocol_of
+from pipeline.storage import join
 
 log = logging.getLogger("ziya_batch")
 
@@ -56,31 +56,6 @@ class Context:
     loader: Callable[[], Any] | None = None
     roster: ActorRoster | None = None  # set by `run`: where model actors register, to be stopped
     engine_board: Any = None  # EfficiencyBoard: where the model actors add up their figures
-
-
-def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
-    """The job's allowed locations; by default the buckets / directories of the manifests (a
-    location ending in `/` is a directory itself: input.images)."""
-    allowed = list(job.limits.allowed_locations)
-    if not allowed:
-        for uri in manifest_files:
-            if is_remote(uri):
-                proto = protocol_of(uri)
-                bucket = filesystem(uri, job.storage)[1].split("/", 1)[0]
-                allowed.append(f"{proto}://{bucket}/")
-            else:
-                fs, path = filesystem(uri, job.storage)
-                folder = path if uri.endswith("/") else fs._parent(path)
-                allowed.append(folder.rstrip("/") + "/")
-    allow_local = any(
-        not is_remote(a) and not a.startswith(("http://", "https://")) for a in allowed
-    )
-    return LocationPolicy(
-        allowed=sorted(set(allowed)),
-        allow_local=allow_local,
-        allow_http=job.limits.allow_http,
-        allowed_networks=job.limits.allowed_networks,
-    )
 
 
 def prepare(job: JobConfig) -> Context:
@@ -260,7 +235,7 @@ class Summary:
         return d
 
 
-def _staged(ds: Any, ctx: Context, out_uri: str) -> Any:
+def _staged(ds: Any, ctx: Context, staging: str) -> Any:
     """The answer rows staged on the output's storage by CPU tasks (stages/write.py): what the
     driver consumes is one small report per staged file, never the rows."""
     res = ctx.job.resources
@@ -268,7 +243,7 @@ def _staged(ds: Any, ctx: Context, out_uri: str) -> Any:
         DEFAULT_GPU_BATCH if res.gpus_per_actor > 0 else DEFAULT_CPU_BATCH
     )
     return ds.map_batches(
-        WriteStage(out_uri, ctx.job.storage),
+        WriteStage(staging, ctx.job.storage),
         # A few model batches per staged file: fewer, larger files than one per model call.
         batch_size=-(-res.preprocess_batch_size // model_batch) * model_batch,
         batch_format="pyarrow",
@@ -343,7 +318,7 @@ def _isolation_plan(ctx: Context, work: Work, lost: dict[str, list[int]]) -> Any
         for r in rows
     ]
     ds = build(ray.data.from_items(items, override_num_blocks=len(items)), alone, isolate=True)
-    return _staged(ds, alone, work.out_uri)
+    return _staged(ds, alone, work.staging)
 
 
 def run(
@@ -377,7 +352,7 @@ def run(
     ctx.skip_keys = work.skip_keys
     storage = job.storage
     # Rows staged by a killed run are never read (their shards are redone whole): clear them.
-    layout.remove_tree(join(work.out_uri, layout.STAGING_DIR), storage)
+    layout.remove_tree(work.staging, storage)
     success = join(work.out_uri, layout.SUCCESS)
     summary = Summary(
         output=work.out_uri,
@@ -404,6 +379,7 @@ def run(
     metrics = DriverMetrics(job.name)
     settings = CommitSettings(
         out_uri=work.out_uri,
+        staging=work.staging,
         storage=storage,
         task=job.task.kind,
         model=ctx.model,
@@ -432,7 +408,7 @@ def run(
     if work.todo:
         items = _shard_items(work.todo)
         shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
-        _run_pass(ctx, lambda: _staged(build(shards_ds, ctx), ctx, work.out_uri), consume)
+        _run_pass(ctx, lambda: _staged(build(shards_ds, ctx), ctx, work.staging), consume)
         lost = tracker.missing()
         if lost:
             # Their batches crashed (or hung) the model worker on every retry and Ray Data
@@ -444,7 +420,7 @@ def run(
             )
             _run_pass(ctx, partial(_isolation_plan, ctx, work, lost), consume)
     filled = tracker.finish()
-    layout.remove_tree(join(work.out_uri, layout.STAGING_DIR), storage)
+    layout.remove_tree(work.staging, storage)
     tally = tracker.tally
     summary.rows_in, summary.rows_out = tally.rows_in, tally.rows_out
     summary.statuses, summary.tokens = dict(tally.statuses), tally.tokens

@@ -16,7 +16,7 @@ from pipeline.builder import default_policy
 from pipeline.columns import StageInputError
 from pipeline.config import JobConfigError, parse_job
 from pipeline.output.commit import CommitSettings, CommitTracker, JobAborted
-from pipeline.output.layout import committed_shards, read_output
+from pipeline.output.layout import committed_shards, read_output, staging_root
 from pipeline.planning.manifest import ManifestError, plan
 from pipeline.runtime.weights import ModelLoader
 from pipeline.stages.fetch import FetchStage
@@ -142,6 +142,7 @@ def _tracker(job, p) -> tuple[CommitTracker, WriteStage]:
     process (the pipeline runs the same `commit_shard` as remote tasks)."""
     settings = CommitSettings(
         out_uri=job.output.uri,
+        staging=staging_root(job.output.uri),
         storage=job.storage,
         task=job.task.kind,
         model="m",
@@ -157,7 +158,7 @@ def _tracker(job, p) -> tuple[CommitTracker, WriteStage]:
         min_rows_before_abort=job.run.min_rows_before_abort,
         remote=False,
     )
-    return tracker, WriteStage(job.output.uri, job.storage)
+    return tracker, WriteStage(staging_root(job.output.uri), job.storage)
 
 
 def test_writer_commits_each_shard_once_despite_duplicates(local_job):

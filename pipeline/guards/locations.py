@@ -28,7 +28,11 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from os.path import realpath
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urljoin, urlsplit
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -489,3 +493,30 @@ def safe_http_get(
         finally:
             conn.close()
     raise FetchError(f"more than {max_redirects} redirects")
+
+
+def default_policy(job: JobConfig, manifest_files: list[str]) -> LocationPolicy:
+    """The job's allowed locations; by default the buckets / directories of the manifests (a
+    location ending in `/` is a directory itself: input.images)."""
+    from pipeline.storage import filesystem, is_remote, protocol_of
+
+    allowed = list(job.limits.allowed_locations)
+    if not allowed:
+        for uri in manifest_files:
+            if is_remote(uri):
+                proto = protocol_of(uri)
+                bucket = filesystem(uri, job.storage)[1].split("/", 1)[0]
+                allowed.append(f"{proto}://{bucket}/")
+            else:
+                fs, path = filesystem(uri, job.storage)
+                folder = path if uri.endswith("/") else fs._parent(path)
+                allowed.append(folder.rstrip("/") + "/")
+    allow_local = any(
+        not is_remote(a) and not a.startswith(("http://", "https://")) for a in allowed
+    )
+    return LocationPolicy(
+        allowed=sorted(set(allowed)),
+        allow_local=allow_local,
+        allow_http=job.limits.allow_http,
+        allowed_networks=job.limits.allowed_networks,
+    )

@@ -66,7 +66,8 @@ class JobAborted(RuntimeError):
 class CommitSettings:
     """What a commit task needs of the job (not the whole job)."""
 
-    out_uri: str
+    out_uri: str  # where the shards go: OUT, or OUT/runs/<run_id>
+    staging: str  # where the write stage staged their rows (layout.staging_root)
     storage: StorageConfig
     task: str  # caption | vqa
     model: str  # model identity written to every row
@@ -318,7 +319,7 @@ def commit_shard(
         "result": result,
     }
     layout.commit_shard(settings.out_uri, shard.shard_id, table, stats, settings.storage)
-    layout.remove_tree(layout.staging_uri(settings.out_uri, shard.shard_id), settings.storage)
+    layout.remove_tree(layout.staging_uri(settings.staging, shard.shard_id), settings.storage)
     return {**stats, **result}
 
 

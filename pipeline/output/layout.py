@@ -4,7 +4,7 @@
                                       hidden temp file + rename; object storage: one PUT): its
                                       existence is what "committed" means
     OUT/_stats/<shard_id>.json        the shard's figures, written just before its data file
-    OUT/_staging/<shard_id>/*.parquet answer rows staged by workers, not yet committed
+    OUT/_staging/[<run_id>/]<shard_id>/*.parquet  answer rows staged by workers, not committed
     OUT/_SUCCESS, OUT/_summary.json   written when every shard of the run is committed
     OUT/_input/                       manifests the run wrote itself (input.images listings)
 
@@ -57,8 +57,15 @@ def stats_uri(out_uri: str, shard_id: str) -> str:
     return join(out_uri, STATS_DIR, shard_id + ".json")
 
 
-def staging_uri(out_uri: str, shard_id: str) -> str:
-    return join(out_uri, STAGING_DIR, shard_id)
+def staging_root(output_uri: str, run_id: str | None = None) -> str:
+    """Where a run stages its answer rows: OUT/_staging/, or OUT/_staging/<run_id>/ for an
+    incremental run (at the top of OUT, never under runs/: every reader skips it there)."""
+    root = join(output_uri, STAGING_DIR)
+    return join(root, run_id) if run_id else root
+
+
+def staging_uri(root: str, shard_id: str) -> str:
+    return join(root, shard_id)
 
 
 def write_bytes_atomic(uri: str, data: bytes, storage: StorageConfig) -> None:

@@ -56,6 +56,7 @@ class Work:
     merge: frozenset[str] = frozenset()
     skip_keys: Any = None  # ObjectRef of a sorted uint64 array, or None
     planned: list[str] = field(default_factory=list)  # every shard id of the plan
+    staging: str = ""  # where the write stage stages this run's rows (layout.staging_root)
 
 
 def run_dir(job: JobConfig, plan: ManifestPlan, fingerprint: str) -> tuple[str, str | None]:
@@ -97,7 +98,9 @@ def plan_work(job: JobConfig, plan: ManifestPlan, fingerprint: str) -> Work:
             "the output, or run.mode=incremental for manifests that grow."
         )
     todo = [s for s in plan.shards if s.shard_id not in committed]
-    work = Work(out_uri, run_id, todo, planned=planned)
+    work = Work(
+        out_uri, run_id, todo, planned=planned, staging=layout.staging_root(job.output.uri, run_id)
+    )
     if mode == "retry_failed":
         # The failed rows of committed shards, and whole shards a crashed run never committed.
         retry = _failed_rows(out_uri, [s for s in plan.shards if s.shard_id in committed], storage)

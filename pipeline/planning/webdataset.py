@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 
 from pipeline.columns import FETCH_ERROR, SOURCE_FAILED, TOO_LARGE
 from pipeline.config import JobConfig, StorageConfig
-from pipeline.guards.locations import LocationPolicy
+from pipeline.guards.locations import default_policy
 from pipeline.guards.redact import redact
 from pipeline.output.layout import exists, table_to_parquet_bytes, write_bytes_atomic
 from pipeline.planning import manifest as m
@@ -162,23 +162,6 @@ def _source(fs: Any, path: str, info: dict, side: str | None, side_info: dict | 
         sidecar=full_uri(fs, side) if has_side and side else None,
         sidecar_version=f"{side_info.get('size')}:{_version(side_info)}" if has_side else "",
     )
-
-
-def _policy(job: JobConfig, sources: list[str]) -> LocationPolicy:
-    """The policy the run applies (`pipeline.builder.default_policy` over `sources`): the job's
-    allowed locations, else the buckets / directories the tars were named by."""
-    allowed = list(job.limits.allowed_locations)
-    if not allowed:
-        for uri in sources:
-            if is_remote(uri):
-                bucket = filesystem(uri, job.storage)[1].split("/", 1)[0]
-                allowed.append(f"{protocol_of(uri)}://{bucket}/")
-            else:
-                fs, path = filesystem(uri, job.storage)
-                folder = path if uri.endswith("/") else fs._parent(path)
-                allowed.append(folder.rstrip("/") + "/")
-    local = any(not is_remote(a) and not a.startswith(("http://", "https://")) for a in allowed)
-    return LocationPolicy(allowed=sorted(set(allowed)), allow_local=local)
 
 
 def _sources(job: JobConfig) -> list[str]:
@@ -355,7 +338,7 @@ def plan_webdataset(job: JobConfig) -> WebDatasetPlan:
     t0 = time.time()
     tars = list_tars(job.input.uri, job.storage)
     sources = _sources(job)
-    policy = _policy(job, sources)
+    policy = default_policy(job, sources)
     for src in tars:
         reason = policy.check(src.uri)
         if reason:

@@ -10,7 +10,7 @@ Output columns: shard, file (the staged file's URI), rows (list<int64>: the mani
 
 The answers go to storage here, on the cluster, and only this small report reaches the driver:
 its work grows with blocks and shards, not with rows or text. Each batch's rows of one shard go to
-`OUT/_staging/<shard>/<uuid>.parquet` (a fresh name per attempt: a retried task never overwrites
+`OUT/_staging/[<run_id>/]<shard>/<uuid>.parquet` (a fresh name per attempt: a retried task never overwrites
 what an earlier attempt of it staged, and the commit task deduplicates by (row, question_index)).
 Nothing under `_staging/` is ever read as output (see pipeline/output/layout.py).
 """
@@ -45,8 +45,8 @@ REPORT_SCHEMA = pa.schema(
 class WriteStage:
     """Stages each batch's answer rows, one file per shard in the batch."""
 
-    def __init__(self, out_uri: str, storage: StorageConfig):
-        self.out_uri = out_uri
+    def __init__(self, staging: str, storage: StorageConfig):
+        self.staging = staging  # layout.staging_root of the run
         self.storage = storage
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -55,7 +55,7 @@ class WriteStage:
         shard_col = batch.column("shard")
         for sid in pc.unique(shard_col).to_pylist():
             part = batch.filter(pc.equal(shard_col, sid))
-            uri = join(staging_uri(self.out_uri, sid), uuid.uuid4().hex + ".parquet")
+            uri = join(staging_uri(self.staging, sid), uuid.uuid4().hex + ".parquet")
             staged = part.drop_columns(["shard"]).cast(ANSWER_SCHEMA.remove(0))
             write_bytes_atomic(uri, table_to_parquet_bytes(staged), self.storage)
             rows, inverse = np.unique(part.column("row").to_numpy(), return_inverse=True)
