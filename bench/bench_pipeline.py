@@ -93,8 +93,8 @@ def preprocessed_batches(job) -> list[pa.Table]:
             for s in ctx.plan.shards
         ]
     )
-    rows = ReadStage(job)(shards)
-    fetch = FetchStage(job, ctx.policy, ctx.fingerprint)
+    rows = ReadStage.for_job(job)(shards)
+    fetch = FetchStage.for_job(job, ctx.policy, ctx.fingerprint)
     preprocess = PreprocessStage(ctx.image_size, job.limits.max_image_pixels, job.preprocess.mode)
     size = job.resources.batch_size
     return [preprocess(fetch(rows.slice(i, size))) for i in range(0, rows.num_rows, size)]

@@ -30,9 +30,9 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from pipeline.builder import default_policy
 from pipeline.columns import OK
 from pipeline.config import JobConfig, JobConfigError, parse_job
+from pipeline.guards.locations import default_policy
 from pipeline.planning.manifest import ManifestPlan, plan
 from pipeline.stages.fetch import FetchStage
 from pipeline.stages.infer import InferStage
@@ -192,8 +192,10 @@ class JobTrial:
             ],
             schema=SHARD_SCHEMA,
         )
-        rows = ReadStage(job)(shards)
-        fetched = FetchStage(job, default_policy(job, p.files), "playground")(rows)
+        rows = ReadStage.for_job(job)(shards)
+        fetched = FetchStage.for_job(job, default_policy(job, p.sources or p.files), "playground")(
+            rows
+        )
         image_size = model.processor.image_size
         pixels = PreprocessStage(image_size, job.limits.max_image_pixels, job.preprocess.mode)(
             fetched

@@ -126,7 +126,7 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
     # Read has a request of its own, so it is not fused with fetch + preprocess: fused, Ray
     # would bundle as many shards per task as the largest batch size of the chain (32 shards),
     # and one task would preprocess the whole job on one core.
-    ds = shards.map_batches(ReadStage(job), batch_size=1, batch_format="pyarrow")
+    ds = shards.map_batches(ReadStage.for_job(job), batch_size=1, batch_format="pyarrow")
     # Blocks of equal size across shard boundaries (strict: only the very last block is short),
     # a whole number of model batches each. Fetch + preprocess then run as tasks of one block
     # that spread over every core, the model gets its first batch as soon as one block is
@@ -135,7 +135,7 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
     block_rows = -(-res.preprocess_batch_size // model_batch) * model_batch
     ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
     ds = ds.map_batches(
-        FetchStage(job, ctx.policy, ctx.fingerprint, ctx.skip_keys),
+        FetchStage.for_job(job, ctx.policy, ctx.fingerprint, ctx.skip_keys),
         batch_size=block_rows,
         **cpu,
     )

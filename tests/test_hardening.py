@@ -371,8 +371,8 @@ def test_hostile_paths_open_no_socket_and_no_file(
     shards = pa.Table.from_pylist(
         [{"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end} for s in p.shards]
     )
-    rows = ReadStage(job)(shards)
-    stage = FetchStage(job, default_policy(job, p.files), "fp")
+    rows = ReadStage.for_job(job)(shards)
+    stage = FetchStage.for_job(job, default_policy(job, p.files), "fp")
     hostile = _fetch_input(rows, "hostile-")
     paths_world["proxy"].reset_counters()
     with h.SocketSpy() as spy:
@@ -422,7 +422,7 @@ def test_redirects_to_disallowed_addresses_are_never_followed(paths_world, tiny_
             urls = [f"{redirect.url}{path}" for path in targets]
             rows = _rows(urls)
             with h.SocketSpy() as spy:
-                out = FetchStage(job, policy, "fp")(rows)
+                out = FetchStage.for_job(job, policy, "fp")(rows)
             statuses = out.column("status").to_pylist()
             assert statuses == ["invalid_path"] * 7 + ["ok"]
             assert out.column("image_bytes").to_pylist()[-1] == png
@@ -498,7 +498,7 @@ def test_http_fetch_statuses_sizes_and_retries(tiny_checkpoint, tmp_path):
         )
         policy = LocationPolicy(allow_http=True, allowed_networks=["127.0.0.1/32"])
         names = ["ok.png", "big-declared.png", "big-streamed.png", "gone.png", "busy.png"]
-        out = FetchStage(job, policy, "fp")(_rows([f"{server.url}/{n}" for n in names]))
+        out = FetchStage.for_job(job, policy, "fp")(_rows([f"{server.url}/{n}" for n in names]))
         requests = Counter(path for _, path, _ in server.requests())
     assert out.column("status").to_pylist() == [
         "ok",
@@ -754,7 +754,7 @@ def test_pickled_stages_and_filesystems_carry_no_credentials(
             "storage": {"endpoint_url": moto_endpoint},
         }
     )
-    stage = FetchStage(job, LocationPolicy(allowed=["s3://hard-pickle/images/"]), "fp")
+    stage = FetchStage.for_job(job, LocationPolicy(allowed=["s3://hard-pickle/images/"]), "fp")
     out = stage(_rows(["s3://hard-pickle/images/a.png"]))
     assert out.column("status").to_pylist() == ["ok"]  # credentials were resolved and used
     fs, _ = filesystem("s3://hard-pickle/images/a.png", job.storage)

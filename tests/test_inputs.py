@@ -69,7 +69,7 @@ def test_mapped_columns_are_read_by_role_and_pass_through_by_name(tmp_path, phot
     shards = pa.Table.from_pylist(
         [{"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end} for s in p.shards]
     )
-    rows = ReadStage(job)(shards).to_pylist()
+    rows = ReadStage.for_job(job)(shards).to_pylist()
     assert [r["id"] for r in rows] == ["000000000", "000000001", "000000002"]
     assert [r["image_bytes"] for r in rows[:2]] == photos
     assert [r["status"] for r in rows] == ["ok", "ok", "source_failed"]
@@ -260,7 +260,7 @@ def test_images_are_listed_sorted_and_written_as_the_runs_manifest(tmp_path, pho
     shards = pa.Table.from_pylist(
         [{"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end} for s in p.shards]
     )
-    fetched = FetchStage(job, policy, "f")(ReadStage(job)(shards)).to_pylist()
+    fetched = FetchStage.for_job(job, policy, "f")(ReadStage.for_job(job)(shards)).to_pylist()
     status = {r["id"]: r["status"] for r in fetched}
     assert status["evil.jpg"] == "invalid_path" and status["b.jpg"] == "ok"
     # The same listing again is not written again; a new object makes a new listing file.

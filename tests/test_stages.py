@@ -70,12 +70,12 @@ def test_stages_chain_without_ray(local_job):
     job = local_job()
     p, shards = _shard_rows(job)
     assert [s.num_rows for s in p.shards] == [2, 2, 1]
-    rows = ReadStage(job)(shards)
+    rows = ReadStage.for_job(job)(shards)
     assert rows.num_rows == 5
     r2 = rows.to_pylist()[2]
     assert r2["questions"] == ["", "fine?"] and r2["question_errors"][0] is not None
 
-    fetched = FetchStage(job, default_policy(job, p.files), "fp")(rows)
+    fetched = FetchStage.for_job(job, default_policy(job, p.files), "fp")(rows)
     statuses = fetched.column("status").to_pylist()
     assert statuses == ["ok", "ok", "ok", "ok", "fetch_error"]
     assert all(
@@ -114,7 +114,7 @@ def test_stage_names_itself_when_columns_are_missing(local_job):
     with pytest.raises(StageInputError, match=r"PreprocessStage needs columns \['image_bytes'"):
         PreprocessStage(224, 100)(pa.table({"status": ["ok"], "error": [None]}))
     with pytest.raises(StageInputError, match="FetchStage"):
-        FetchStage(job, default_policy(job, []), "fp")(pa.table({"id": ["a"]}))
+        FetchStage.for_job(job, default_policy(job, []), "fp")(pa.table({"id": ["a"]}))
 
 
 def _answers(shard, rows, status="ok"):
@@ -226,16 +226,16 @@ def test_manifest_errors_name_file_column_and_row(tmp_path, local_job):
 def test_done_keys_mark_rows_unchanged(local_job):
     job = local_job()
     p, shards = _shard_rows(job)
-    rows = ReadStage(job)(shards)
-    first = FetchStage(job, default_policy(job, p.files), "fp")(rows)
+    rows = ReadStage.for_job(job)(shards)
+    first = FetchStage.for_job(job, default_policy(job, p.files), "fp")(rows)
     keys = sorted({int(k, 16) for ks in first.column("row_keys").to_pylist()[:2] for k in ks})
-    again = FetchStage(job, default_policy(job, p.files), "fp", np.array(keys, dtype=np.uint64))(
-        rows
-    )
+    again = FetchStage.for_job(
+        job, default_policy(job, p.files), "fp", np.array(keys, dtype=np.uint64)
+    )(rows)
     assert again.column("status").to_pylist()[:3] == ["unchanged", "unchanged", "ok"]
-    other = FetchStage(job, default_policy(job, p.files), "fp2", np.array(keys, dtype=np.uint64))(
-        rows
-    )
+    other = FetchStage.for_job(
+        job, default_policy(job, p.files), "fp2", np.array(keys, dtype=np.uint64)
+    )(rows)
     assert other.column("status").to_pylist()[:2] == ["ok", "ok"]
 
 
@@ -246,12 +246,12 @@ def test_labeling_schema_questions_are_asked_of_every_row(tmp_path, local_job):
         task={"kind": "vqa", "questions": ["Is there a person?", "图中有动物吗？"]},
     )
     _, shards = _shard_rows(job)
-    rows = ReadStage(job)(shards).to_pylist()
+    rows = ReadStage.for_job(job)(shards).to_pylist()
     assert [r["questions"] for r in rows] == [["Is there a person?", "图中有动物吗？"]] * 2
     # With the manifest's own questions too: the schema's come first.
     job = local_job(task={"kind": "vqa", "questions": ["Schema?"]})
     _, shards = _shard_rows(job)
-    assert ReadStage(job)(shards).to_pylist()[1]["questions"] == ["Schema?", "only one"]
+    assert ReadStage.for_job(job)(shards).to_pylist()[1]["questions"] == ["Schema?", "only one"]
 
 
 def test_allowed_networks_reach_the_location_policy(local_job):

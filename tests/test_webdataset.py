@@ -268,7 +268,7 @@ def test_members_keys_extensions_and_bad_members(tmp_path, photos, caplog):
         "other member",
     ):
         assert kind in logged, kind
-    rows = {r["id"]: r for r in ReadStage(job)(_shards(p)).to_pylist()}
+    rows = {r["id"]: r for r in ReadStage.for_job(job)(_shards(p)).to_pylist()}
     assert rows["a/000"]["image_bytes"] == photos[0]
     assert rows["001"]["image_bytes"] == photos[4]
     assert all(r["status"] == "ok" and r["image"] is None for r in rows.values())
@@ -277,7 +277,7 @@ def test_members_keys_extensions_and_bad_members(tmp_path, photos, caplog):
     from pipeline.stages.fetch import FetchStage
     from pipeline.stages.preprocess import PreprocessStage
 
-    fetched = FetchStage(job, LocationPolicy(), "f")(ReadStage(job)(_shards(p)))
+    fetched = FetchStage.for_job(job, LocationPolicy(), "f")(ReadStage.for_job(job)(_shards(p)))
     done = PreprocessStage(32, job.limits.max_image_pixels, "fast")(fetched).to_pylist()
     assert {r["id"]: r["status"] for r in done} == {
         "a/000": "ok",
@@ -297,7 +297,7 @@ def test_a_truncated_tar_keeps_what_it_holds_and_a_non_tar_stops(tmp_path, photo
     index = pq.read_table(p.files[0])
     assert index.column("id").to_pylist() == ["000", "001"]
     assert index.column("size").to_pylist() == [len(photos[0]), 1000]
-    rows = ReadStage(job)(_shards(p)).to_pylist()
+    rows = ReadStage.for_job(job)(_shards(p)).to_pylist()
     assert rows[0]["image_bytes"] == photos[0] and rows[1]["image_bytes"] == photos[1][:1000]
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar" * 100)
     with pytest.raises(ManifestError, match=r"junk\.tar is not a readable tar"):
@@ -332,7 +332,7 @@ def test_a_shard_is_one_range_read_and_large_members_are_never_read(tmp_path, ph
         return real(uri, start, end, storage)
 
     monkeypatch.setattr(webdataset, "_read_range", counted)
-    rows = {r["id"]: r for r in ReadStage(job)(_shards(p)).to_pylist()}
+    rows = {r["id"]: r for r in ReadStage.for_job(job)(_shards(p)).to_pylist()}
     index = {r["id"]: r for r in pq.read_table(p.files[0]).to_pylist()}
     assert {k: r["status"] for k, r in rows.items()} == {
         "000000000": "ok",
@@ -357,7 +357,7 @@ def test_a_shard_is_one_range_read_and_large_members_are_never_read(tmp_path, ph
     # Without the large member in the way, the whole shard is one read.
     reads.clear()
     job = _job(tmp_path, str(root), output={"rows_per_shard": 10})
-    ReadStage(job)(_shards(plan(job)))
+    ReadStage.for_job(job)(_shards(plan(job)))
     assert len(reads) == 1
     # retry_failed reads only the rows asked for.
     reads.clear()
@@ -365,7 +365,7 @@ def test_a_shard_is_one_range_read_and_large_members_are_never_read(tmp_path, ph
     batch = pa.Table.from_pylist(
         [{"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end, "rows": [3]}]
     )
-    again = ReadStage(job)(batch).to_pylist()
+    again = ReadStage.for_job(job)(batch).to_pylist()
     assert [r["id"] for r in again] == ["000000003"] and again[0]["image_bytes"] == photos[2]
     assert reads == [(index["000000003"]["offset"], index["000000003"]["offset"] + len(photos[2]))]
 
@@ -376,11 +376,11 @@ def test_a_replaced_tar_is_a_fetch_error_not_wrong_bytes(tmp_path, photos):
     job = _job(tmp_path, str(root))
     p = plan(job)
     (root / "00000.tar").write_bytes(write_tar([("x.jpg", b"short")]))
-    rows = ReadStage(job)(_shards(p)).to_pylist()
+    rows = ReadStage.for_job(job)(_shards(p)).to_pylist()
     assert [r["status"] for r in rows] == ["fetch_error", "fetch_error"]
     assert "shorter than its index says" in rows[0]["error"]
     (root / "00000.tar").unlink()
-    rows = ReadStage(job)(_shards(p)).to_pylist()
+    rows = ReadStage.for_job(job)(_shards(p)).to_pylist()
     assert {r["status"] for r in rows} == {"fetch_error"} and "FileNotFoundError" in rows[0][
         "error"
     ]

@@ -416,16 +416,16 @@ READ_SCHEMA = pa.schema(
 )
 
 
-def read_rows(shard: Shard, job: JobConfig) -> pa.Table:
+def read_rows(shard: Shard, storage: StorageConfig, max_image_bytes: int) -> pa.Table:
     """The shard's rows with their image bytes (READ_SCHEMA): one range read of the tar covers
     every image of the shard. A member over `limits.max_image_bytes` is `too_large` and never
     read (the span is cut around it, and wherever images lie further apart than that limit); a
     row whose source status is not `success`, or without an image member, is `source_failed`; a
     read that fails after `storage.retries` is `fetch_error` for the rows it covered."""
     names = ["id", "tar", "offset", "size"]
-    index = m.read_rows(shard, job.storage, columns=[*names, SIDECAR_STATUS])
+    index = m.read_rows(shard, storage, columns=[*names, SIDECAR_STATUS])
     rows = index.to_pylist()
-    limit = job.limits.max_image_bytes
+    limit = max_image_bytes
     out = [
         {"row": r["row"], "id": r["id"], "image_bytes": None, "status": None, "error": None}
         for r in rows
@@ -453,7 +453,7 @@ def read_rows(shard: Shard, job: JobConfig) -> pa.Table:
     for run in _spans(wanted, rows, limit):
         first, last = rows[run[0]], rows[run[-1]]
         start, end = first["offset"], last["offset"] + last["size"]
-        data, error = _read_range(first["tar"], start, end, job.storage)
+        data, error = _read_range(first["tar"], start, end, storage)
         for i in run:
             r = rows[i]
             if data is None:

@@ -33,7 +33,7 @@ from pipeline.columns import (
     check_columns,
     set_column,
 )
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, LimitsConfig, StorageConfig
 from pipeline.guards.locations import (
     FetchError,
     LocationPolicy,
@@ -61,12 +61,16 @@ class FetchStage:
 
     def __init__(
         self,
-        job: JobConfig,
+        storage: StorageConfig,
+        limits: LimitsConfig,
+        threads: int,
         policy: LocationPolicy,
         fingerprint: str,
         skip_keys: Any = None,
     ):
-        self.job = job
+        self.storage = storage
+        self.limits = limits
+        self.threads = threads  # concurrent reads per task (resources.fetch_threads)
         self.policy = policy
         self.fingerprint = fingerprint
         # Sorted uint64 row keys whose rows are marked `unchanged` instead of fetched: an array,
@@ -75,10 +79,18 @@ class FetchStage:
         self._skip_keys = skip_keys
         self._fs: dict[str, Any] = {}
 
+    @classmethod
+    def for_job(
+        cls, job: JobConfig, policy: LocationPolicy, fingerprint: str, skip_keys: Any = None
+    ) -> FetchStage:
+        return cls(
+            job.storage, job.limits, job.resources.fetch_threads, policy, fingerprint, skip_keys
+        )
+
     def _filesystem(self, uri: str) -> tuple[Any, str]:
         proto = protocol_of(uri)
         if proto not in self._fs:
-            self._fs[proto] = filesystem(uri, self.job.storage)[0]
+            self._fs[proto] = filesystem(uri, self.storage)[0]
         fs = self._fs[proto]
         return fs, fs._strip_protocol(uri)
 
@@ -89,8 +101,8 @@ class FetchStage:
             return INVALID_PATH, None, reason, ""
         if protocol_of(uri) in ("http", "https"):
             return self._fetch_http(uri)
-        limit = self.job.limits.max_image_bytes
-        attempts = self.job.storage.retries + 1
+        limit = self.limits.max_image_bytes
+        attempts = self.storage.retries + 1
         last = ""
         for attempt in range(attempts):
             try:
@@ -126,12 +138,12 @@ class FetchStage:
 
     def _fetch_http(self, url: str) -> tuple[str, bytes | None, str | None, str]:
         """An http(s) image through `safe_http_get`; client errors (4xx) are not retried."""
-        limit = self.job.limits.max_image_bytes
-        attempts = self.job.storage.retries + 1
+        limit = self.limits.max_image_bytes
+        attempts = self.storage.retries + 1
         last = ""
         for attempt in range(attempts):
             try:
-                data = safe_http_get(url, self.policy, limit, timeout=self.job.storage.timeout_s)
+                data = safe_http_get(url, self.policy, limit, timeout=self.storage.timeout_s)
                 return OK, data, None, "sha1:" + hashlib.sha1(data).hexdigest()
             except UnsafeLocation as err:  # a hop (a redirect) the policy refuses: never contacted
                 return INVALID_PATH, None, redact(f"refused while fetching: {err}"), ""
@@ -151,12 +163,12 @@ class FetchStage:
         todo = [i for i, r in enumerate(rows) if r["status"] == OK and r["image_bytes"] is None]
         results: dict[int, tuple] = {}
         if todo:
-            with ThreadPoolExecutor(min(len(todo), self.job.resources.fetch_threads)) as pool:
+            with ThreadPoolExecutor(min(len(todo), self.threads)) as pool:
                 for i, res in zip(
                     todo, pool.map(lambda i: self._fetch(rows[i]["image"]), todo), strict=True
                 ):
                     results[i] = res
-        limit = self.job.limits.max_image_bytes
+        limit = self.limits.max_image_bytes
         status, error, data, identity, keys = [], [], [], [], []
         for i, r in enumerate(rows):
             st, err, blob, ident = r["status"], r.get("error"), r["image_bytes"], ""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline.columns import INVALID_QUESTION, OK, SOURCE_FAILED, STRING_LIST, check_columns
-from pipeline.config import JobConfig
+from pipeline.config import InputConfig, JobConfig, StorageConfig, TaskConfig
 from pipeline.guards.text import clean_text
 from pipeline.planning import manifest as m
 from pipeline.planning import webdataset
@@ -62,9 +62,18 @@ _READ_COLUMNS = list(m.ROLES)
 class ReadStage:
     """Reads each shard's rows from its manifest file (only the needed columns)."""
 
-    def __init__(self, job: JobConfig):
-        self.job = job
-        self.max_chars = job.task.max_question_chars
+    def __init__(
+        self, task: TaskConfig, input: InputConfig, storage: StorageConfig, max_image_bytes: int
+    ):
+        self.task = task
+        self.input = input
+        self.storage = storage
+        self.max_image_bytes = max_image_bytes  # webdataset: larger members are never read
+        self.max_chars = task.max_question_chars
+
+    @classmethod
+    def for_job(cls, job: JobConfig) -> ReadStage:
+        return cls(job.task, job.input, job.storage, job.limits.max_image_bytes)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns("ReadStage", batch, INPUT_COLUMNS)
@@ -72,9 +81,9 @@ class ReadStage:
         return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
 
     def _questions(self, row: dict) -> list[str | None]:
-        if self.job.task.kind == "caption":
-            return [self.job.task.caption_prompt]
-        fixed = list(self.job.task.questions)  # the labeling schema, asked of every row
+        if self.task.kind == "caption":
+            return [self.task.caption_prompt]
+        fixed = list(self.task.questions)  # the labeling schema, asked of every row
         if row.get(m.QUESTIONS) is not None:
             return fixed + list(row[m.QUESTIONS])
         if row.get(m.QUESTION) is not None:
@@ -112,10 +121,10 @@ class ReadStage:
         }
 
     def _read_shard(self, shard: Shard) -> pa.Table:
-        if self.job.input.format == "webdataset":
+        if self.input.format == "webdataset":
             return self._read_tar_shard(shard)
         table = m.read_rows(
-            shard, self.job.storage, columns=_READ_COLUMNS, mapping=dict(self.job.input.columns)
+            shard, self.storage, columns=_READ_COLUMNS, mapping=dict(self.input.columns)
         )
         rows = []
         for row in table.to_pylist():
@@ -137,7 +146,7 @@ class ReadStage:
 
     def _read_tar_shard(self, shard: Shard) -> pa.Table:
         """A WebDataset shard: the index's rows, their image bytes read from the tar."""
-        table = webdataset.read_rows(shard, self.job)
+        table = webdataset.read_rows(shard, self.storage, self.max_image_bytes)
         rows = []
         for row in table.to_pylist():
             out = {
