@@ -104,3 +104,88 @@ def machine() -> str:
         f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
         f"load average {load[0]:.1f} at start"
     )
+
+
+def tiny_model(root: Path, image_size: int | None = None) -> tuple[str, str]:
+    """The tiny checkpoint's (visual, llm) directories under `root`; with `image_size`, its vision
+    config says that size (the driver reads it for preprocessing; small pixels keep the object
+    store traffic small when a benchmark is about the driver)."""
+    import json
+
+    from ziya_model import write_tiny_checkpoint
+
+    tiny = write_tiny_checkpoint(root)
+    if image_size is not None:
+        cfg_path = Path(tiny.visual_dir) / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.setdefault("vision_config", {})["image_size"] = image_size
+        cfg_path.write_text(json.dumps(cfg))
+    return str(tiny.visual_dir), str(tiny.llm_dir)
+
+
+# The code before issue 15's rewrite (driver on the data path, every id in the driver's memory):
+# the "before" side of bench_driver_cpu.py and bench_planning.py.
+REFERENCE_COMMIT = "b07e379"
+
+
+def reference_tree(path: str | None, commit: str = REFERENCE_COMMIT) -> Path:
+    """A checkout of `commit`: `path` as given, else a git worktree at /tmp/ziya-ref (made on the
+    first call, checked against `commit` on later ones)."""
+    import subprocess
+
+    if path:
+        tree = Path(path).resolve()
+        if not (tree / "pipeline" / "builder.py").is_file():
+            raise SystemExit(f"--reference {tree}: no pipeline/builder.py there")
+        return tree
+    tree = Path("/tmp/ziya-ref")
+    if not tree.exists():
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit],
+            check=True,
+            capture_output=True,
+        )
+    head = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    want = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", commit], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if head != want:
+        raise SystemExit(f"{tree} is at {head or 'no commit'}, not {commit}: pass --reference DIR")
+    return tree
+
+
+def run_in_tree(tree: Path, script: str, args: list[str], label: str) -> dict:
+    """Run `script --child ...` in a fresh process that imports `pipeline` (and `bench.standin`)
+    from `tree`: the tree leads PYTHONPATH, so Ray's worker processes (which inherit the
+    environment) import the same code, and is the working directory. The child writes its result
+    as JSON to the file named by `--result`; a failure exits with the child's stderr."""
+    import json
+    import subprocess
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        path = [str(tree), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        cmd = [sys.executable, script, "--child", str(tree), "--result", result.name, *args]
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
+        out = Path(result.name).read_text()
+        if proc.returncode != 0 or not out:
+            raise SystemExit(
+                f"{label} ({tree}) failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}"
+            )
+        return json.loads(out)
+
+
+def tree_label(tree: Path) -> str:
+    """`<short commit>[+changes]` of a checkout, for the printed table."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(tree), *args], capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (
+        "+changes" if git("status", "--porcelain", "--", "pipeline") else ""
+    )

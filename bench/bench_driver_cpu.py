@@ -1,0 +1,235 @@
+"""Driver CPU per output row, before and after issue 15's rewrite, in one run.
+
+    .venv/bin/python bench/bench_driver_cpu.py                  # 20,000 rows; reference at b07e379
+    .venv/bin/python bench/bench_driver_cpu.py --rows 2000      # a smoke test
+    .venv/bin/python bench/bench_driver_cpu.py --reference DIR  # "before" = a checkout of your own
+
+What it measures: the CPU seconds of the driver process (`time.process_time()`: user + system,
+every thread of the process, so Ray Data's executor threads and Ray's core worker threads in the
+driver count; the raylet, GCS and worker processes do not) spent in one call of
+`pipeline.builder.run(job, loader=StandInLoader(sleep_s=0, ...))`, divided by the output rows.
+The model is the stand-in of `bench/standin.py` with no sleep: it answers at once and costs no
+CPU, so what is left is the pipeline around it, and the driver's share of that is what limits a
+cluster with many GPUs. `1e6 / (µs per row)` is the rows/s one driver core could feed: the scale
+ceiling (at 120 images/s per GPU, that ceiling / 120 GPUs).
+
+Both trees run on the same machine in one invocation, each in a fresh subprocess whose imports
+of `pipeline` and `bench.standin` come from that tree (it leads PYTHONPATH, so Ray's workers
+import the same code; the child checks where both imported `pipeline` from):
+  before   `--reference DIR`, else a git worktree of b07e379 that the script makes at
+           /tmp/ziya-ref (the driver joins and writes every output row);
+  after    `--tree DIR`, else this checkout (with uncommitted changes, shown as `+changes`).
+Each child starts its own local Ray (all cores), runs an untimed warm-up job of one shard
+(imports, Ray Data's first-use costs), then times `run` on that one-shard job again and on the
+whole job. Same manifests, same job for both: `--rows` rows of `image_bytes` (one 48x40 JPEG)
+plus a pass-through `source` column, caption task, one output row per input row.
+
+Job settings, GPU-like on purpose: the driver's cost per row depends on how many rows come per
+batch, block and shard, and the ceiling is about GPU clusters, not the CPU defaults (8 rows per
+model batch):
+  resources.batch_size 256             the pipeline's own default on GPU (DEFAULT_GPU_BATCH)
+  resources.preprocess_batch_size 1024 4 model batches per fetch/preprocess block, as a GPU
+                                       node with many cores would be set up
+  output.rows_per_shard 2000           the issue's measurement; per-shard driver work shows
+  resources.cpus_per_actor 0, 1 actor  the stand-in needs no CPU: both cores go to the CPU
+                                       stages; the driver's work per row does not depend on the
+                                       number of actors
+Images are resized to 32x32 (the tiny checkpoint's vision config is set so): the driver never
+sees pixels, so small ones only make the run shorter.
+
+Output: one line per tree. `µs/row` is the whole job's driver CPU / its output rows (the
+issue's figure, a run's fixed costs included), `rows/s/core` is 1e6 / that, and `CPU/wall` the
+driver's busy fraction. After the bar: the one-shard job's driver CPU, and the marginal cost,
+(CPU of the whole job - CPU of one shard) / the extra rows, which leaves out a run's fixed part
+(planning, Ray Data's start, the actor roster; n/a when --rows is one shard). Then before / after.
+Issue 15's target: after <= 10 µs per row (>= 14x less than before's 143).
+
+Reading it: part of the driver's CPU is Ray Data's streaming-executor loop in the driver, which
+costs per second of the run (scheduling steps, `ray.wait` wake-ups, metrics), not per row. On a
+machine whose workers deliver a few thousand rows/s, that part alone can come to tens of µs per row, and
+a slower run (a busy machine, more remote tasks) shows more µs/row for the same work per row.
+Compare trees in one invocation on a quiet machine, and look at `CPU/wall` next to µs/row.
+Exits non-zero when a child fails or a run does not answer every row; a missed target is
+printed, not an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 32
+TARGET_US = 10.0
+TARGET_RATIO = 14.0
+
+
+def child(tree: str, result: str, work: Path) -> None:
+    """In the subprocess: a warm-up job, then `run` timed on one shard and on the whole job."""
+    sys.path.insert(0, tree)  # already first on PYTHONPATH (run_in_tree); made explicit
+    # The editable install's finder would serve `pipeline.x` from the main checkout whenever
+    # `tree` lacks it: drop it, so a module missing from `tree` stays missing.
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in f.__module__]
+    import ray
+
+    import pipeline
+    from bench.common import init_ray
+    from bench.standin import StandInLoader
+    from pipeline.builder import run
+    from pipeline.config import load_job
+
+    init_ray()
+
+    @ray.remote(num_cpus=0)
+    def worker_pipeline() -> str:
+        import pipeline
+
+        return pipeline.__file__
+
+    loader = StandInLoader(sleep_s=0.0, image_size=IMAGE_SIZE)
+
+    def timed(manifest: str, tag: str) -> dict:
+        out = work / f"out-{Path(tree).name}-{tag}"
+        job = load_job(work / "job.json", [f"input.uri={work / manifest}", f"output.uri={out}"])
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        summary = run(job, loader=loader)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        assert summary.statuses == {"ok": summary.rows_out}, summary.statuses
+        return {"cpu_s": cpu, "wall_s": wall, "rows_out": summary.rows_out}
+
+    timed("shard.parquet", "warm")  # untimed: imports, Ray Data's first-use costs
+    out = {
+        "shard": timed("shard.parquet", "shard"),
+        "job": timed("manifest.parquet", "job"),
+        "driver_pipeline": pipeline.__file__,
+        "worker_pipeline": ray.get(worker_pipeline.remote()),
+    }
+    ray.shutdown()
+    Path(result).write_text(json.dumps(out))
+
+
+def write_manifest(path: Path, rows: int, row_group: int) -> None:
+    """`rows` rows of one small JPEG as `image_bytes`, a unique `id`, a pass-through `source`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 40), (30, 120, 200)).save(buf, "JPEG", quality=80)
+    table = pa.table(
+        {
+            "id": pa.array([f"row-{i:09d}" for i in range(rows)]),
+            "image_bytes": pa.array([buf.getvalue()] * rows, pa.binary()),
+            "source": pa.array([f"src-{i % 97}" for i in range(rows)]),
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rows-per-shard", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=256, help="resources.batch_size")
+    parser.add_argument("--preprocess-batch", type=int, default=1024)
+    parser.add_argument("--reference", help="the 'before' checkout (default: /tmp/ziya-ref)")
+    parser.add_argument("--tree", default=str(REPO), help="the 'after' checkout")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.result, Path(args.work))
+        return 0
+
+    sys.path.insert(0, str(REPO))
+    from bench.common import machine, reference_tree, run_in_tree, tiny_model, tree_label
+
+    trees = [("before", reference_tree(args.reference)), ("after", Path(args.tree).resolve())]
+    work = Path(tempfile.mkdtemp(prefix="bench-driver-cpu-", dir="/tmp"))
+    try:
+        visual, llm = tiny_model(work / "tiny", IMAGE_SIZE)
+        shard_rows = min(args.rows, args.rows_per_shard)
+        write_manifest(work / "shard.parquet", shard_rows, args.rows_per_shard)
+        write_manifest(work / "manifest.parquet", args.rows, args.rows_per_shard)
+        job = {
+            "name": "bench-driver-cpu",
+            "input": {"uri": str(work / "manifest.parquet")},
+            "output": {"uri": str(work / "out"), "rows_per_shard": args.rows_per_shard},
+            "model": {"visual": visual, "llm": llm},
+            "generation": {"max_new_tokens": 1},
+            "resources": {
+                "actors": 1,
+                "cpus_per_actor": 0,
+                "batch_size": args.batch,
+                "preprocess_batch_size": args.preprocess_batch,
+            },
+            "limits": {"allowed_locations": [str(work) + "/"]},
+            "run": {"mode": "overwrite"},
+        }
+        (work / "job.json").write_text(json.dumps(job))
+        print(f"machine: {machine()}")
+        print(
+            f"{args.rows:,} rows of image_bytes, rows_per_shard {args.rows_per_shard}, batch "
+            f"{args.batch}, preprocess batch {args.preprocess_batch}, 1 stand-in actor taking no "
+            "time; driver CPU = process_time() around run()"
+        )
+        results = {}
+        for label, tree in trees:
+            res = run_in_tree(tree, __file__, ["--work", str(work)], f"{label} run")
+            for key in ("driver_pipeline", "worker_pipeline"):
+                if not Path(res[key]).resolve().is_relative_to(tree):
+                    raise SystemExit(f"{label}: {key} came from {res[key]}, not from {tree}")
+            for key, want in (("shard", shard_rows), ("job", args.rows)):
+                if res[key]["rows_out"] != want:
+                    raise SystemExit(f"{label}: {res[key]['rows_out']} rows out of {want}")
+            job, shard = res["job"], res["shard"]
+            res["us"] = job["cpu_s"] / job["rows_out"] * 1e6
+            extra = job["rows_out"] - shard["rows_out"]
+            res["marginal_us"] = (job["cpu_s"] - shard["cpu_s"]) / extra * 1e6 if extra else None
+            results[label] = res
+        print(
+            f"  {'':<7}{'tree':<17}{'rows':>8}{'CPU s':>8}{'wall s':>8}{'CPU/wall':>9}{'µs/row':>8}"
+            f"{'rows/s/core':>13} | {'1 shard: CPU s':>14}{'µs/extra row':>14}{'rows/s/core':>13}"
+        )
+        for label, tree in trees:
+            r = results[label]
+            job, marginal = r["job"], r["marginal_us"]
+            extra = (
+                f"{marginal:>14.1f}{1e6 / marginal:>13,.0f}"
+                if marginal and marginal > 0
+                else f"{'n/a':>14}{'n/a':>13}"
+            )
+            print(
+                f"  {label:<7}{tree_label(tree):<17}{job['rows_out']:>8,}{job['cpu_s']:>8.2f}"
+                f"{job['wall_s']:>8.1f}{job['cpu_s'] / job['wall_s']:>9.2f}{r['us']:>8.1f}"
+                f"{1e6 / r['us']:>13,.0f} | "
+                f"{r['shard']['cpu_s']:>14.2f}{extra}"
+            )
+        before, after = results["before"], results["after"]
+        ratio = before["us"] / after["us"]
+        met = after["us"] <= TARGET_US and ratio >= TARGET_RATIO
+        marginal = (
+            f" ({before['marginal_us'] / after['marginal_us']:.1f}x per extra row: "
+            f"{after['marginal_us']:.1f} µs)"
+            if before["marginal_us"] and after["marginal_us"] and after["marginal_us"] > 0
+            else ""
+        )
+        print(
+            f"driver CPU per row, before / after: {ratio:.2f}x{marginal}; after "
+            f"{after['us']:.1f} µs/row (target <= {TARGET_US:.0f} µs/row, >= {TARGET_RATIO:.0f}x): "
+            + ("met" if met else "not met")
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
