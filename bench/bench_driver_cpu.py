@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -92,7 +93,9 @@ def child(tree: str, result: str, work: Path) -> None:
 
         return pipeline.__file__
 
-    loader = StandInLoader(sleep_s=0.0, image_size=IMAGE_SIZE)
+    loader = StandInLoader(
+        sleep_s=float(os.environ.get("BENCH_SLEEP_S", "0")), image_size=IMAGE_SIZE
+    )
 
     def timed(manifest: str, tag: str) -> dict:
         out = work / f"out-{Path(tree).name}-{tag}"

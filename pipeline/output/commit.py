@@ -228,6 +228,8 @@ class CommitTracker:
 
     def _collect(self, block: bool) -> None:
         """Tally finished commit tasks; a failed one raises here, in the driver."""
+        if not self.running:
+            return
         import ray
 
         while self.running:
