@@ -101,14 +101,16 @@ DEFAULT_GPU_BATCH = 256
 DEFAULT_CPU_BATCH = 8
 
 
-def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
+def build(shards: Any, ctx: Context, isolate: bool = False, staging: str | None = None) -> Any:
     """Shard descriptors (Dataset with shard_id, path, start, end, rows) -> answer rows.
 
     Read runs one CPU task per shard; its rows are re-cut into blocks of equal size across shard
     boundaries; fetch and preprocess run fused as CPU tasks on those blocks; the model stage is an
     actor pool with its own resource request, so preprocessing never runs inside a model actor.
     With `isolate`, each model actor holds one batch at a time, none running beside it or queued
-    behind it: a batch that crashes its actor then takes no other batch down with it.
+    behind it: a batch that crashes its actor then takes no other batch down with it. With
+    `staging` (what `run` does), the model actors stage their answers there through the write
+    stage and the Dataset holds its reports instead of the answer rows.
     """
     import ray
 
@@ -177,6 +179,7 @@ def build(shards: Any, ctx: Context, isolate: bool = False) -> Any:
             fn_constructor_kwargs={
                 "batch_timeout_s": job.run.batch_timeout_s,
                 "board": ctx.engine_board,
+                "stage_to": None if staging is None else WriteStage(staging, job.storage),
             },
             batch_size=model_batch,
             batch_format="pyarrow",
@@ -233,22 +236,6 @@ class Summary:
         d.update(images_per_s=round(self.images_per_s, 3), tokens_per_s=round(self.tokens_per_s, 3))
         d["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return d
-
-
-def _staged(ds: Any, ctx: Context, staging: str) -> Any:
-    """The answer rows staged on the output's storage by CPU tasks (stages/write.py): what the
-    driver consumes is one small report per staged file, never the rows."""
-    res = ctx.job.resources
-    model_batch = res.batch_size or (
-        DEFAULT_GPU_BATCH if res.gpus_per_actor > 0 else DEFAULT_CPU_BATCH
-    )
-    return ds.map_batches(
-        WriteStage(staging, ctx.job.storage),
-        # A few model batches per staged file: fewer, larger files than one per model call.
-        batch_size=-(-res.preprocess_batch_size // model_batch) * model_batch,
-        batch_format="pyarrow",
-        num_cpus=0.25,
-    )
 
 
 def _consume(
@@ -317,8 +304,8 @@ def _isolation_plan(ctx: Context, work: Work, lost: dict[str, list[int]]) -> Any
         for item in _shard_items([by_id[sid]])
         for r in rows
     ]
-    ds = build(ray.data.from_items(items, override_num_blocks=len(items)), alone, isolate=True)
-    return _staged(ds, alone, work.staging)
+    shards = ray.data.from_items(items, override_num_blocks=len(items))
+    return build(shards, alone, isolate=True, staging=work.staging)
 
 
 def run(
@@ -408,7 +395,7 @@ def run(
     if work.todo:
         items = _shard_items(work.todo)
         shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
-        _run_pass(ctx, lambda: _staged(build(shards_ds, ctx), ctx, work.staging), consume)
+        _run_pass(ctx, lambda: build(shards_ds, ctx, staging=work.staging), consume)
         lost = tracker.missing()
         if lost:
             # Their batches crashed (or hung) the model worker on every retry and Ray Data

@@ -73,6 +73,7 @@ class InferStage:
         roster: ActorRoster | None = None,
         batch_timeout_s: float | None = None,
         board=None,
+        stage_to=None,
     ):
         import torch
 
@@ -98,6 +99,10 @@ class InferStage:
         # actor's wall time since its model was ready, added to the driver's board.
         self._board = board
         self._figures_lock = threading.Lock()
+        # `run` passes the write stage (stages/write.py): the answers are staged from here,
+        # outside the model lock, and only the write stage's small report leaves the actor (no
+        # further hop of the rows, and no task of their own for Ray Data to schedule).
+        self.stage_to = stage_to
         self._mark = time.perf_counter()
 
     def _auto_batch_size(self, torch) -> int:
@@ -254,7 +259,8 @@ class InferStage:
                 )
         self.metrics.batch_done(out, latency, len(images))
         self._record_figures(len(images) if jobs else 0, model_s)
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+        answers = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+        return answers if self.stage_to is None else self.stage_to(answers)
 
     def _call_figures(self, images: int, model_s: float) -> dict:
         """What one call did, for the run's efficiency figures: images encoded and seconds on

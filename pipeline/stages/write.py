@@ -1,4 +1,4 @@
-"""Stage 5, write: answer rows -> staged Parquet files on the output's storage, on CPU tasks.
+"""Stage 5, write: answer rows -> staged Parquet files on the output's storage, in the model actor.
 
 Input columns:  the infer stage's answer rows (`columns.ANSWER_SCHEMA`: shard, row, id,
                 question_index, question, answer, status, error, num_tokens, mean_logprob,
@@ -8,8 +8,10 @@ Output columns: shard, file (the staged file's URI), rows (list<int64>: the mani
                 answer rows per manifest row), example (one failed row, for the abort message)
                 — one row per shard present in the batch
 
-The answers go to storage here, on the cluster, and only this small report reaches the driver:
-its work grows with blocks and shards, not with rows or text. Each batch's rows of one shard go to
+The infer stage calls this on each batch it answered (`InferStage(stage_to=WriteStage(...))`),
+outside its model lock: the answers go to storage from the actor that made them, and only this
+small report travels on, to the driver, whose work grows with blocks and shards, not with rows
+or text. Each batch's rows of one shard go to
 `OUT/_staging/[<run_id>/]<shard>/<uuid>.parquet` (a fresh name per attempt: a retried task never overwrites
 what an earlier attempt of it staged, and the commit task deduplicates by (row, question_index)).
 Nothing under `_staging/` is ever read as output (see pipeline/output/layout.py).
