@@ -382,6 +382,8 @@ def run(
         max_failure_rate=job.run.max_failure_rate,
         min_rows_before_abort=job.run.min_rows_before_abort,
         metrics=metrics,
+        # A committer actor per 8 model actors: commits are I/O, a few per shard of rows.
+        committers=-(-job.resources.actors // 8),
     )
     rows_total = sum(s.num_rows for s in work.todo)
     consume = partial(
@@ -392,21 +394,24 @@ def run(
         t0=t0,
         max_crashed_batches=job.run.max_crashed_batches,
     )
-    if work.todo:
-        items = _shard_items(work.todo)
-        shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
-        _run_pass(ctx, lambda: build(shards_ds, ctx, staging=work.staging), consume)
-        lost = tracker.missing()
-        if lost:
-            # Their batches crashed (or hung) the model worker on every retry and Ray Data
-            # dropped them. Retry those rows one per batch, so only a row at fault itself fails.
-            log.warning(
-                "%d rows were in batches that crashed their worker on every retry; "
-                "retrying them one row per batch",
-                sum(map(len, lost.values())),
-            )
-            _run_pass(ctx, partial(_isolation_plan, ctx, work, lost), consume)
-    filled = tracker.finish()
+    try:
+        if work.todo:
+            items = _shard_items(work.todo)
+            shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
+            _run_pass(ctx, lambda: build(shards_ds, ctx, staging=work.staging), consume)
+            lost = tracker.missing()
+            if lost:
+                # Their batches crashed (or hung) the model worker on every retry and Ray Data
+                # dropped them. Retry those rows one per batch, so only a row at fault itself fails.
+                log.warning(
+                    "%d rows were in batches that crashed their worker on every retry; "
+                    "retrying them one row per batch",
+                    sum(map(len, lost.values())),
+                )
+                _run_pass(ctx, partial(_isolation_plan, ctx, work, lost), consume)
+        filled = tracker.finish()
+    finally:
+        tracker.close()
     layout.remove_tree(work.staging, storage)
     tally = tracker.tally
     summary.rows_in, summary.rows_out = tally.rows_in, tally.rows_out

@@ -1,12 +1,13 @@
-"""Stage 6, commit: shards complete in the driver's tally are committed by remote tasks.
+"""Stage 6, commit: shards complete in the driver's tally are committed by committer actors.
 
 Input: the write stage's reports (shard, file, rows, answers, failures), one per staged file
 Output: committed shards in the output layout (pipeline/output/layout.py)
 
 Exactly once: Ray Data retries tasks and restarts actors, so a row may be staged twice. The
 driver keeps, per open shard, one bit per manifest row (has it arrived?) and the list of its
-staged files; when every row of a shard has arrived it hands the file list to `commit_shard`, a
-remote task, and forgets the shard. That task reads the staged rows, keeps the first copy of
+staged files; when every row of a shard has arrived it hands the file list to `commit_shard` on
+a committer actor (one per 8 model actors, zero CPUs, a few commits at once), and forgets the
+shard. That task reads the staged rows, keeps the first copy of
 each (row, question_index), joins the manifest's own columns from its slice of the manifest
 (read again, so their types pass through untouched), writes the shard's stats and then its rows
 (the commit), and deletes its staging. The driver's work per block is a few numpy operations
@@ -49,9 +50,9 @@ INPUT_COLUMNS = {
     "answers": "answer rows per manifest row",
     "failures": "failed answer rows per manifest row",
 }
-# Commit tasks running at once; complete shards beyond this wait in the driver (a shard id and
-# its file list each).
-MAX_COMMITTING = 8
+# Complete shards beyond what the committers run at once wait in the driver (a shard id and its
+# file list each).
+MAX_COMMITTING = 4  # commits at once per committer actor (threads: Parquet I/O frees the GIL)
 _ROW_MISSING_ERROR = (
     "the batch holding this row failed on every retry (worker crash, or a model call hung past "
     "run.batch_timeout_s)"
@@ -125,6 +126,7 @@ class CommitTracker:
         min_rows_before_abort: int = 1,
         metrics: Any = None,
         remote: bool = True,
+        committers: int = 1,
     ):
         self.settings = settings
         # remote=False commits in the calling process, one shard at a time (unit tests, tools
@@ -140,7 +142,12 @@ class CommitTracker:
         self.queued: list[tuple[Shard, list[str], bool]] = []
         self.running: dict[Any, str] = {}  # commit task ref -> shard id
         self.tally = Tally()
-        self._task: Any = None
+        # Commits run on a few long-lived committer actors, not as tasks: a zero-CPU task would
+        # mostly start a fresh worker process (Ray ends idle workers beyond the CPU count within
+        # a second), and that start-up costs more CPU than the commit itself.
+        self.committers = committers
+        self._committers: list | None = None
+        self._next = 0
         self.example: str | None = None  # a failed row seen, for the abort message
 
     def _state(self, sid: str) -> _Open:
@@ -215,16 +222,24 @@ class CommitTracker:
                     commit_shard(self.settings, shard, files, shard.shard_id in self.merge, fill)
                 )
             return
+
+        if self._committers is None:
+            self._committers = _start_committers(self.committers)
+        while self.queued and len(self.running) < MAX_COMMITTING * len(self._committers):
+            shard, files, fill = self.queued.pop(0)
+            committer = self._committers[self._next % len(self._committers)]
+            self._next += 1
+            merge = shard.shard_id in self.merge
+            ref = committer.commit.remote(self.settings, shard, files, merge, fill)
+            self.running[ref] = shard.shard_id
+
+    def close(self) -> None:
+        """Stop the committer actors (after `finish`, or when the run stops early)."""
         import ray
 
-        if self._task is None:
-            # No CPU reserved: the pipeline's tasks hold the cluster's CPUs while it runs, and
-            # a commit that waited for them would hold its staged rows until the end.
-            self._task = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
-        while self.queued and len(self.running) < MAX_COMMITTING:
-            shard, files, fill = self.queued.pop(0)
-            ref = self._task.remote(self.settings, shard, files, shard.shard_id in self.merge, fill)
-            self.running[ref] = shard.shard_id
+        for actor in self._committers or []:
+            ray.kill(actor)
+        self._committers = None
 
     def _collect(self, block: bool) -> None:
         """Tally finished commit tasks; a failed one raises here, in the driver."""
@@ -405,3 +420,21 @@ def _merge_retry(settings: CommitSettings, shard: Shard, table: pa.Table) -> pa.
     kept = old.filter(pc.invert(pc.is_in(old.column("manifest_row"), redone)))
     merged = pa.concat_tables([kept, table.select(kept.column_names)], promote_options="permissive")
     return merged.sort_by([("manifest_row", "ascending"), ("question_index", "ascending")])
+
+
+class Committer:
+    """An actor that runs `commit_shard` calls, several at once (threads). Zero CPUs: its work is
+    mostly I/O, and it must not wait for CPUs the pipeline's tasks hold. Restarted where it dies
+    (a lost node), its calls retried: a commit is idempotent (see `commit_shard`)."""
+
+    def commit(self, *args) -> dict:
+        return commit_shard(*args)
+
+
+def _start_committers(count: int) -> list:
+    import ray
+
+    actor = ray.remote(
+        num_cpus=0, max_concurrency=MAX_COMMITTING, max_restarts=-1, max_task_retries=3
+    )(Committer)
+    return [actor.remote() for _ in range(count)]

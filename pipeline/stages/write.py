@@ -24,11 +24,12 @@ import uuid
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.columns import ANSWER_SCHEMA, FAILURE_STATUSES, check_columns
 from pipeline.config import StorageConfig
-from pipeline.output.layout import staging_uri, table_to_parquet_bytes, write_bytes_atomic
-from pipeline.storage import join
+from pipeline.output.layout import staging_uri
+from pipeline.storage import filesystem, is_remote, join
 
 INPUT_COLUMNS = {name: "answer row column (columns.ANSWER_SCHEMA)" for name in ANSWER_SCHEMA.names}
 
@@ -59,7 +60,14 @@ class WriteStage:
             part = batch.filter(pc.equal(shard_col, sid))
             uri = join(staging_uri(self.staging, sid), uuid.uuid4().hex + ".parquet")
             staged = part.drop_columns(["shard"]).cast(ANSWER_SCHEMA.remove(0))
-            write_bytes_atomic(uri, table_to_parquet_bytes(staged), self.storage)
+            # No temp file, no fsync, light compression: a staged file is read only after the
+            # call that wrote it has returned its report, and lives only until its shard commits.
+            fs, path = filesystem(uri, self.storage)
+            sink = pa.BufferOutputStream()
+            pq.write_table(staged, sink, compression="lz4")
+            if not is_remote(uri):
+                fs.makedirs(fs._parent(path), exist_ok=True)
+            fs.pipe_file(path, sink.getvalue().to_pybytes())
             rows, inverse = np.unique(part.column("row").to_numpy(), return_inverse=True)
             failed = pc.is_in(part.column("status"), pa.array(FAILURE_STATUSES)).to_numpy(
                 zero_copy_only=False
