@@ -27,11 +27,12 @@ from pipeline.guards.locations import LocationPolicy, default_policy
 from pipeline.output import layout
 from pipeline.output.commit import CommitSettings, CommitTracker
 from pipeline.planning.ids import check_unique_ids
-from pipeline.planning.manifest import ManifestError, ManifestPlan, plan
+from pipeline.planning.manifest import ManifestError, ManifestPlan, Shard, plan
 from pipeline.planning.modes import Work, plan_work
 from pipeline.runtime.metrics import DriverMetrics
 from pipeline.runtime.roster import ActorRoster
 from pipeline.runtime.weights import ModelLoader, model_identity, read_visual_config
+from pipeline.stages.blocks import BlockPlan, BlockStage
 from pipeline.stages.fetch import FetchStage
 from pipeline.stages.infer import InferStage
 from pipeline.stages.preprocess import PreprocessStage
@@ -101,50 +102,46 @@ DEFAULT_GPU_BATCH = 256
 DEFAULT_CPU_BATCH = 8
 
 
-def build(shards: Any, ctx: Context, isolate: bool = False, staging: str | None = None) -> Any:
-    """Shard descriptors (Dataset with shard_id, path, start, end, rows) -> answer rows.
+def build(
+    shards: list[Shard], ctx: Context, isolate: bool = False, staging: str | None = None
+) -> Any:
+    """The shards to do (in order) -> answer rows, as a lazy Dataset.
 
-    Read runs one CPU task per shard; its rows are re-cut into blocks of equal size across shard
-    boundaries; fetch and preprocess run fused as CPU tasks on those blocks; the model stage is an
-    actor pool with its own resource request, so preprocessing never runs inside a model actor.
-    With `isolate`, each model actor holds one batch at a time, none running beside it or queued
-    behind it: a batch that crashes its actor then takes no other batch down with it. With
-    `staging` (what `run` does), the model actors stage their answers there through the write
-    stage and the Dataset holds its reports instead of the answer rows.
+    The shards' rows are cut into blocks of equal size across shard boundaries, a whole number
+    of model batches each (stages/blocks.py); each block is read, fetched and preprocessed in
+    one CPU task; the model stage is an actor pool with its own resource request, so
+    preprocessing never runs inside a model actor. With `isolate`, each model actor holds one
+    batch at a time, none running beside it or queued behind it: a batch that crashes its actor
+    then takes no other batch down with it. With `staging` (what `run` does), the model actors
+    stage their answers there through the write stage and the Dataset holds its reports instead
+    of the answer rows.
     """
     import ray
 
     job, res = ctx.job, ctx.job.resources
     gpu = res.gpus_per_actor > 0
     model_batch = res.batch_size or (DEFAULT_GPU_BATCH if gpu else DEFAULT_CPU_BATCH)
-    # The CPU stages reserve the memory that decoding an image at the pixel limit needs. That
-    # also makes their resource request differ from the model actors', which is what stops Ray
-    # from fusing preprocessing into the actor stage (it fuses maps with equal requests).
-    cpu = {
-        "num_cpus": res.preprocess_cpus,
-        "memory": 3 * job.limits.max_image_pixels + 512 * 2**20,
-        "batch_format": "pyarrow",
-    }
-    # Read has a request of its own, so it is not fused with fetch + preprocess: fused, Ray
-    # would bundle as many shards per task as the largest batch size of the chain (32 shards),
-    # and one task would preprocess the whole job on one core.
-    ds = shards.map_batches(ReadStage.for_job(job), batch_size=1, batch_format="pyarrow")
-    # Blocks of equal size across shard boundaries (strict: only the very last block is short),
-    # a whole number of model batches each. Fetch + preprocess then run as tasks of one block
-    # that spread over every core, the model gets its first batch as soon as one block is
-    # ready, and no model batch is half empty at every shard's end (a model call costs about
-    # the same however few rows it holds).
+    # Blocks a whole number of model batches: the model gets its first batch as soon as one
+    # block is ready, and no model batch is half empty at a shard's end (a model call costs
+    # about the same however few rows it holds).
     block_rows = -(-res.preprocess_batch_size // model_batch) * model_batch
-    ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
-    ds = ds.map_batches(
+    plan = BlockPlan.put(shards, block_rows)
+    stage = BlockStage(
+        plan,
+        ReadStage.for_job(job),
         FetchStage.for_job(job, ctx.policy, ctx.fingerprint, ctx.skip_keys),
-        batch_size=block_rows,
-        **cpu,
-    )
-    ds = ds.map_batches(
         PreprocessStage(ctx.image_size, job.limits.max_image_pixels, job.preprocess.mode),
-        batch_size=res.preprocess_batch_size,
-        **cpu,
+    )
+    items = plan.items()
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        stage,
+        batch_size=1,
+        batch_format="pyarrow",
+        # The memory that decoding an image at the pixel limit needs. It also makes this
+        # request differ from the model actors', which is what stops Ray from fusing
+        # preprocessing into the actor stage (it fuses maps with equal requests).
+        num_cpus=res.preprocess_cpus,
+        memory=3 * job.limits.max_image_pixels + 512 * 2**20,
     )
     # Ray Data restarts a dead model actor and retries its tasks (max_restarts=-1 by default):
     # rows are at-least-once here, and the writer turns that into exactly-once output. Task
@@ -277,34 +274,15 @@ def _run_pass(ctx: Context, make_plan: Callable[[], Any], consume: Callable[[Any
         ctx.roster = None
 
 
-def _shard_items(shards: list) -> list[dict]:
-    return [
-        {
-            "shard_id": s.shard_id,
-            "path": s.path,
-            "start": s.start,
-            "end": s.end,
-            "rows": list(s.rows) if s.rows else None,
-        }
-        for s in shards
-    ]
-
-
 def _isolation_plan(ctx: Context, work: Work, lost: dict[str, list[int]]) -> Any:
     """The lost rows again, each alone in its block, its model batch and on its actor."""
-    import ray
-
     job = ctx.job
     one = job.resources.model_copy(update={"batch_size": 1, "preprocess_batch_size": 1})
     alone = dataclasses.replace(ctx, job=job.model_copy(update={"resources": one}))
     by_id = {s.shard_id: s for s in work.todo}
-    items = [
-        {**item, "rows": [r]}
-        for sid, rows in sorted(lost.items())
-        for item in _shard_items([by_id[sid]])
-        for r in rows
+    shards = [
+        dataclasses.replace(by_id[sid], rows=tuple(rows)) for sid, rows in sorted(lost.items())
     ]
-    shards = ray.data.from_items(items, override_num_blocks=len(items))
     return build(shards, alone, isolate=True, staging=work.staging)
 
 
@@ -326,7 +304,6 @@ def run(
     benchmarks use it for a stand-in model, tests to count model calls. `context` is
     `prepare(job)` when the caller already ran it (to fail fast before starting Ray).
     """
-    import ray
 
     t0 = time.time()
     ctx = context or prepare(job)
@@ -396,9 +373,7 @@ def run(
     )
     try:
         if work.todo:
-            items = _shard_items(work.todo)
-            shards_ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
-            _run_pass(ctx, lambda: build(shards_ds, ctx, staging=work.staging), consume)
+            _run_pass(ctx, lambda: build(work.todo, ctx, staging=work.staging), consume)
             lost = tracker.missing()
             if lost:
                 # Their batches crashed (or hung) the model worker on every retry and Ray Data

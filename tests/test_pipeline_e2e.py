@@ -160,13 +160,7 @@ def test_vqa_one_row_per_question(ray_cluster, bucket):
 def test_preprocessing_is_not_fused_into_the_model_actor(ray_cluster, bucket):
     job = _job(bucket, "caption", "fusion-check")
     ctx = prepare(job)
-    import ray
-
-    items = [
-        {"shard_id": s.shard_id, "path": s.path, "start": s.start, "end": s.end, "rows": None}
-        for s in ctx.plan.shards
-    ]
-    ds = build(ray.data.from_items(items), ctx)
+    ds = build(ctx.plan.shards, ctx)
     stats = ds.materialize().stats()
     infer_ops = [
         line for line in stats.splitlines() if line.startswith("Operator") and "InferStage" in line
