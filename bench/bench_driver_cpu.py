@@ -40,8 +40,9 @@ Each child times three runs, and the script solves `CPU = fixed + loop x wall + 
 for the three terms, because only one of them grows with the rows a cluster feeds the driver:
   one shard        `run` on the first shard only (a run's fixed part dominates);
   the job          `--rows` rows, the stand-in taking no time;
-  the job, slowed  the same rows, the stand-in sleeping `--slow-s` per model batch: the same
-                   work spread over a longer wall time.
+  slowed           the one shard again, the stand-in sleeping `--slow-s` per model batch: the
+                   same work over a much longer wall time, so the difference from the one-shard
+                   run is the per-second part alone.
 `loop` is what the driver spends per second of a run whatever happens in it: Ray Data's
 streaming executor takes a scheduling step at least every 0.1 s (resource budgets,
 backpressure, metrics). `work` is the driver CPU per output row on top of that: scheduling each
@@ -78,7 +79,7 @@ TARGET_RATIO = 14.0
 
 
 def child(tree: str, result: str, work: Path, slow_s: float) -> None:
-    """In the subprocess: a warm-up job, then `run` timed on one shard, the job, the job slowed."""
+    """In the subprocess: a warm-up job, then `run` timed on one shard, the job, one shard slowed."""
     sys.path.insert(0, tree)  # already first on PYTHONPATH (run_in_tree); made explicit
     # The editable install's finder would serve `pipeline.x` from the main checkout whenever
     # `tree` lacks it: drop it, so a module missing from `tree` stays missing.
@@ -113,7 +114,7 @@ def child(tree: str, result: str, work: Path, slow_s: float) -> None:
     out = {
         "shard": timed("shard.parquet", "shard"),
         "job": timed("manifest.parquet", "job"),
-        "slow": timed("manifest.parquet", "slow", slow_s),
+        "slow": timed("shard.parquet", "slow", slow_s),
         "driver_pipeline": pipeline.__file__,
         "worker_pipeline": ray.get(worker_pipeline.remote()),
     }
@@ -124,7 +125,7 @@ def child(tree: str, result: str, work: Path, slow_s: float) -> None:
 def fit(res: dict) -> dict:
     """Solve CPU = fixed + loop x wall + work x rows over the three runs (see the docstring)."""
     shard, job, slow = res["shard"], res["job"], res["slow"]
-    loop = (slow["cpu_s"] - job["cpu_s"]) / (slow["wall_s"] - job["wall_s"])
+    loop = (slow["cpu_s"] - shard["cpu_s"]) / (slow["wall_s"] - shard["wall_s"])
     rows = job["rows_out"] - shard["rows_out"]
     work = (job["cpu_s"] - shard["cpu_s"] - loop * (job["wall_s"] - shard["wall_s"])) / rows
     fixed = shard["cpu_s"] - loop * shard["wall_s"] - work * shard["rows_out"]
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="resources.batch_size")
     parser.add_argument("--preprocess-batch", type=int, default=1024)
     parser.add_argument(
-        "--slow-s", type=float, default=0.1, help="the slowed run's sleep per model batch"
+        "--slow-s", type=float, default=2.0, help="the slowed run's sleep per model batch"
     )
     parser.add_argument("--reference", help="the 'before' checkout (default: /tmp/ziya-ref)")
     parser.add_argument("--tree", default=str(REPO), help="the 'after' checkout")
@@ -214,14 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("driver_pipeline", "worker_pipeline"):
                 if not Path(res[key]).resolve().is_relative_to(tree):
                     raise SystemExit(f"{label}: {key} came from {res[key]}, not from {tree}")
-            for key, want in (("shard", shard_rows), ("job", args.rows), ("slow", args.rows)):
+            for key, want in (("shard", shard_rows), ("job", args.rows), ("slow", shard_rows)):
                 if res[key]["rows_out"] != want:
                     raise SystemExit(f"{label}: {res[key]['rows_out']} rows out of {want}")
             results[label] = {**res, **fit(res)}
         print(
             f"  {'':<7}{'tree':<17}{'rows':>8}{'CPU s':>7}{'wall s':>8}{'CPU/wall':>9}"
             f"{'µs/row':>8} | {'fixed s':>8}{'loop':>7}{'work µs/row':>12}{'ceiling rows/s':>16}"
-            f" | {'slowed: wall s':>14}{'CPU s':>7}"
+            f" | {'1 shard: wall s':>15}{'CPU s':>7}{'slowed: wall s':>15}{'CPU s':>7}"
         )
         for label, tree in trees:
             r = results[label]
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {label:<7}{tree_label(tree):<17}{job['rows_out']:>8,}{job['cpu_s']:>7.2f}"
                 f"{job['wall_s']:>8.1f}{job['cpu_s'] / job['wall_s']:>9.2f}{r['us']:>8.1f} | "
                 f"{r['fixed_s']:>8.2f}{r['loop']:>7.3f}{r['work_us']:>12.1f}"
-                f"{r['ceiling']:>16,.0f} | {slow['wall_s']:>14.1f}{slow['cpu_s']:>7.2f}"
+                f"{r['ceiling']:>16,.0f} | {r['shard']['wall_s']:>15.1f}{r['shard']['cpu_s']:>7.2f}"
+                f"{slow['wall_s']:>15.1f}{slow['cpu_s']:>7.2f}"
             )
         before, after = results["before"], results["after"]
         total, work_ratio = before["us"] / after["us"], before["work_us"] / after["work_us"]
