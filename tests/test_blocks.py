@@ -98,3 +98,27 @@ def test_block_stage_reads_each_block_as_its_rows(manifest, tmp_path):
         ["r09"],
     ]
     assert [r["shard"] for r in got[1]] == ["s0", "s1", "s1"]
+
+
+def test_a_row_group_is_read_once_for_its_blocks_and_again_when_the_file_changes(
+    manifest, monkeypatch
+):
+    """Blocks are smaller than row groups: each group is decoded once per worker, not once per
+    block; a file rewritten under the same name is read anew."""
+    from pipeline.config import StorageConfig
+    from pipeline.planning import manifest as m
+
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_group",
+        lambda self, i, **kw: reads.append(i) or real(self, i, **kw),
+    )
+    monkeypatch.setattr(m, "_last_group", None)
+    storage = StorageConfig()
+    got = [m.read_rows(Shard("s", manifest, a, a + 1), storage)["id"][0].as_py() for a in range(6)]
+    assert got == [f"r{i:02d}" for i in range(6)]
+    assert reads == [0, 1]  # row groups of 3 rows: one read each, for 6 one-row reads
+    pq.write_table(pa.table({"id": [f"n{i}" for i in range(10)], "image": ["x"] * 10}), manifest)
+    assert m.read_rows(Shard("s", manifest, 5, 6), storage)["id"].to_pylist() == ["n5"]

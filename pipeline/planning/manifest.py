@@ -286,6 +286,30 @@ def plan(job: JobConfig) -> ManifestPlan:
     return manifest_plan
 
 
+# The row group read last in this process. A row group is the smallest unit Parquet reads, and
+# the read stage reads one block of rows at a time (stages/blocks.py): without this, every block
+# of a large row group would read and decode the whole group again. Blocks come in order, so a
+# worker reads each group about once. Only groups up to CACHED_GROUP_BYTES are kept.
+CACHED_GROUP_BYTES = 256 * 2**20
+_last_group: tuple[tuple, pa.Table] | None = None
+
+
+def _file_version(f, fs, path: str) -> tuple:
+    """What tells one version of a file from another: ETag or mtime, and size."""
+    info = getattr(f, "details", None) or fs.info(path)
+    return (info.get("size"), info.get("ETag") or info.get("etag") or info.get("mtime"))
+
+
+def _row_group(pf: pq.ParquetFile, key: tuple) -> pa.Table:
+    """Row group `key[2]` of `pf` (columns `key[3]`), from the last one read when it is that."""
+    global _last_group
+    if _last_group is not None and _last_group[0] == key:
+        return _last_group[1]
+    table = pf.read_row_group(key[2], columns=list(key[3]) or None)
+    _last_group = (key, table) if table.nbytes <= CACHED_GROUP_BYTES else None
+    return table
+
+
 def read_rows(
     shard: Shard,
     storage: StorageConfig,
@@ -318,7 +342,9 @@ def read_rows(
             columns = list(dict.fromkeys(roles.values()))
         elif columns is not None:
             columns = [c for c in columns if c in names]
-        table = pf.read_row_groups(groups, columns=columns)
+        version = _file_version(f, fs, path)
+        parts = [_row_group(pf, (shard.path, version, i, tuple(columns or ()))) for i in groups]
+        table = pa.concat_tables(parts) if parts else pf.read_row_groups([], columns=columns)
     if roles is not None:
         table = pa.table({r: table.column(c) for r, c in roles.items()})
         if ID in roles and pa.types.is_integer(table.schema.field(ID).type):
