@@ -162,11 +162,12 @@ def test_preprocessing_is_not_fused_into_the_model_actor(ray_cluster, bucket):
     ctx = prepare(job)
     ds = build(ctx.plan.shards, ctx)
     stats = ds.materialize().stats()
-    infer_ops = [
-        line for line in stats.splitlines() if line.startswith("Operator") and "InferStage" in line
-    ]
+    ops = [line for line in stats.splitlines() if line.startswith("Operator")]
+    infer_ops = [line for line in ops if "InferStage" in line]
     assert infer_ops, stats
-    assert all("PreprocessStage" not in line for line in infer_ops), infer_ops
+    assert any("MapBatches(BlockStage)" in line for line in ops), ops  # read+fetch+preprocess
+    # Fused, the operator would be named "MapBatches(BlockStage)->MapBatches(InferStage)".
+    assert all("BlockStage" not in line for line in infer_ops), infer_ops
 
 
 def test_broken_manifest_stops_before_model_work(ray_cluster, bucket):
