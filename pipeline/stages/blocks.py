@@ -64,10 +64,14 @@ def shards_table(shards: list[Shard]) -> pa.Table:
     )
 
 
-def block_pieces(shards: pa.Table, k: int, block_rows: int, total: int) -> pa.Table:
-    """Block k as ReadStage's input: the part of each shard it covers (shard descriptors)."""
+def block_pieces(
+    shards: pa.Table, k: int, block_rows: int, total: int, offsets: np.ndarray | None = None
+) -> pa.Table:
+    """Block k as ReadStage's input: the part of each shard it covers (shard descriptors).
+    `offsets` is the table's `offset` column as an array, when the caller has it already."""
     lo, hi = k * block_rows, min((k + 1) * block_rows, total)
-    offsets = shards.column("offset").to_numpy()
+    if offsets is None:
+        offsets = shards.column("offset").to_numpy()
     first = int(np.searchsorted(offsets, lo, side="right")) - 1
     last = int(np.searchsorted(offsets, hi, side="left"))
     pieces = []
@@ -128,11 +132,12 @@ class BlockStage:
         import ray
 
         check_columns("BlockStage", batch, INPUT_COLUMNS)
-        shards = ray.get(self.plan.shards)
         plan = self.plan
+        shards = ray.get(plan.shards)
+        offsets = shards.column("offset").to_numpy()  # once per task, not per block
         for item in batch.to_pylist():
             for k in range(item["first"], item["last"]):
-                table = block_pieces(shards, k, plan.block_rows, plan.total_rows)
+                table = block_pieces(shards, k, plan.block_rows, plan.total_rows, offsets)
                 for stage in self.stages:
                     table = stage(table)
                 yield table
