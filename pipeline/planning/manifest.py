@@ -305,6 +305,8 @@ def _row_group(pf: pq.ParquetFile, key: tuple) -> pa.Table:
     global _last_group
     if _last_group is not None and _last_group[0] == key:
         return _last_group[1]
+    # Let go of the old group first: a read then peaks at one group, as it did without a cache.
+    _last_group = None
     table = pf.read_row_group(key[2], columns=list(key[3]) or None)
     _last_group = (key, table) if table.nbytes <= CACHED_GROUP_BYTES else None
     return table
