@@ -108,7 +108,9 @@ def child(tree: str, result: str, work: Path, slow_s: float) -> None:
         summary = run(job, loader=loader)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         assert summary.statuses == {"ok": summary.rows_out}, summary.statuses
-        return {"cpu_s": cpu, "wall_s": wall, "rows_out": summary.rows_out}
+        lanes = getattr(summary, "scheduling", None)  # trees with feeder lanes only
+        lane_cpu = lanes["cpu_s"] if lanes else None
+        return {"cpu_s": cpu, "wall_s": wall, "rows_out": summary.rows_out, "lane_cpu_s": lane_cpu}
 
     timed("shard.parquet", "warm")  # untimed: imports, Ray Data's first-use costs
     out = {
@@ -122,15 +124,16 @@ def child(tree: str, result: str, work: Path, slow_s: float) -> None:
     Path(result).write_text(json.dumps(out))
 
 
-def fit(res: dict) -> dict:
-    """Solve CPU = fixed + loop x wall + work x rows over the three runs (see the docstring)."""
+def fit(res: dict, cpu: str = "cpu_s") -> dict:
+    """Solve CPU = fixed + loop x wall + work x rows over the three runs (see the docstring);
+    `cpu` names the process: the driver's CPU, or the feeder lane's."""
     shard, job, slow = res["shard"], res["job"], res["slow"]
-    loop = (slow["cpu_s"] - shard["cpu_s"]) / (slow["wall_s"] - shard["wall_s"])
+    loop = (slow[cpu] - shard[cpu]) / (slow["wall_s"] - shard["wall_s"])
     rows = job["rows_out"] - shard["rows_out"]
-    work = (job["cpu_s"] - shard["cpu_s"] - loop * (job["wall_s"] - shard["wall_s"])) / rows
-    fixed = shard["cpu_s"] - loop * shard["wall_s"] - work * shard["rows_out"]
+    work = (job[cpu] - shard[cpu] - loop * (job["wall_s"] - shard["wall_s"])) / rows
+    fixed = shard[cpu] - loop * shard["wall_s"] - work * shard["rows_out"]
     return {
-        "us": job["cpu_s"] / job["rows_out"] * 1e6,
+        "us": job[cpu] / job["rows_out"] * 1e6,
         "loop": loop,
         "work_us": work * 1e6,
         "fixed_s": fixed,
@@ -219,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                 if res[key]["rows_out"] != want:
                     raise SystemExit(f"{label}: {res[key]['rows_out']} rows out of {want}")
             results[label] = {**res, **fit(res)}
+            if res["job"]["lane_cpu_s"] is not None:
+                results[label]["lane"] = fit(res, "lane_cpu_s")
         print(
             f"  {'':<7}{'tree':<17}{'rows':>8}{'CPU s':>7}{'wall s':>8}{'CPU/wall':>9}"
             f"{'µs/row':>8} | {'fixed s':>8}{'loop':>7}{'work µs/row':>12}{'ceiling rows/s':>16}"
@@ -234,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ceiling']:>16,.0f} | {r['shard']['wall_s']:>15.1f}{r['shard']['cpu_s']:>7.2f}"
                 f"{slow['wall_s']:>15.1f}{slow['cpu_s']:>7.2f}"
             )
+            if "lane" in r:
+                lane = r["lane"]
+                print(
+                    f"  {'':<7}{'its feeder lane':<25}{job['lane_cpu_s']:>7.2f}{'':>17}"
+                    f"{lane['us']:>8.1f} | {lane['fixed_s']:>8.2f}{lane['loop']:>7.3f}"
+                    f"{lane['work_us']:>12.1f}{lane['ceiling']:>16,.0f} | {'':>15}"
+                    f"{r['shard']['lane_cpu_s']:>7.2f}{'':>15}{slow['lane_cpu_s']:>7.2f}"
+                )
         before, after = results["before"], results["after"]
         total, work_ratio = before["us"] / after["us"], before["work_us"] / after["work_us"]
         met = after["work_us"] <= TARGET_US and work_ratio >= TARGET_RATIO

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import torch
+# torch is imported where a stand-in model is made (the model actors), not with this module: the
+# pipeline's feeder lanes unpickle the loader without loading a model, as with the real one.
 
 LOADED = -1  # `rows` value of the log line an actor writes when its model is loaded
 
@@ -32,20 +33,25 @@ class StandInAnswer:
     mean_logprob: float | None = None
 
 
-class StandInModel(torch.nn.Module):
+class StandInModel:
     """Sleeps `sleep_s` per `answer_batch` call; encodes images to a zero-size tensor."""
 
     def __init__(self, sleep_s: float, log_path: str | None):
-        super().__init__()
-        # InferStage reads the device from the first parameter.
-        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        import torch
+
+        self.anchor = torch.zeros(1)
         self.vision_model = SimpleNamespace(dtype=torch.float32)
         self.language_model = SimpleNamespace(dtype=torch.float32)
         self.config = SimpleNamespace(num_query_tokens=32)
         self.sleep_s = sleep_s
         self.log_path = log_path
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def parameters(self):
+        yield self.anchor  # InferStage reads the device from the first parameter
+
+    def encode_images(self, pixel_values):
+        import torch
+
         return torch.zeros(pixel_values.shape[0], 1, 1)
 
     def answer_batch(self, tokenizer, queries, image_embeds, image_index=None, **_):
@@ -102,7 +108,7 @@ class StandInProcessor:
     def __init__(self, image_size: int):
         self.image_size = image_size
 
-    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def normalize(self, pixels, dtype=None):
         return pixels
 
 

@@ -29,6 +29,8 @@ from pipeline.output.commit import CommitSettings, CommitTracker
 from pipeline.planning.ids import check_unique_ids
 from pipeline.planning.manifest import ManifestError, ManifestPlan, Shard, plan
 from pipeline.planning.modes import Work, plan_work
+from pipeline.runtime.efficiency import EfficiencyBoard
+from pipeline.runtime.feeder import Feeders
 from pipeline.runtime.metrics import DriverMetrics
 from pipeline.runtime.roster import ActorRoster
 from pipeline.runtime.weights import ModelLoader, model_identity, read_visual_config
@@ -103,9 +105,14 @@ DEFAULT_CPU_BATCH = 8
 
 
 def build(
-    shards: list[Shard], ctx: Context, isolate: bool = False, staging: str | None = None
+    shards: list[Shard],
+    ctx: Context,
+    isolate: bool = False,
+    staging: str | None = None,
+    lane: int = 0,
+    lanes: int = 1,
 ) -> Any:
-    """The shards to do (in order) -> answer rows, as a lazy Dataset.
+    """The shards to do (in order) -> answer rows, as a lazy Dataset (None: nothing to do).
 
     The shards' rows are cut into blocks of equal size across shard boundaries, a whole number
     of model batches each (stages/blocks.py); each block is read, fetched and preprocessed in
@@ -114,7 +121,8 @@ def build(
     batch at a time, none running beside it or queued behind it: a batch that crashes its actor
     then takes no other batch down with it. With `staging` (what `run` does), the model actors
     stage their answers there through the write stage and the Dataset holds its reports instead
-    of the answer rows.
+    of the answer rows. `lane` of `lanes` (runtime/feeder.py) takes every lanes-th block range
+    from the lane-th on, and its share of the model actors.
     """
     import ray
 
@@ -132,7 +140,12 @@ def build(
         FetchStage.for_job(job, ctx.policy, ctx.fingerprint, ctx.skip_keys),
         PreprocessStage(ctx.image_size, job.limits.max_image_pixels, job.preprocess.mode),
     )
-    items = plan.items()
+    # Ranges dealt in turn: the lanes go through the shards side by side, so shards complete
+    # (and commit) in order whatever the number of lanes.
+    items = plan.items()[lane::lanes]
+    if not items:
+        return None  # a lane with nothing to do starts no model actors
+    actors = res.actors // lanes + (lane < res.actors % lanes)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         stage,
         batch_size=1,
@@ -153,8 +166,6 @@ def build(
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
         infer_stage, loader, in_flight = InferStage, ctx.loader, 2
         if ctx.engine_board is None:
-            from pipeline.runtime.efficiency import EfficiencyBoard
-
             ctx.engine_board = EfficiencyBoard.start()  # the summary's efficiency figures
         if job.model.engine == "vllm":
             # The same stage with vLLM in place of the transformers model (infer_vllm.py);
@@ -185,7 +196,7 @@ def build(
             # waits for that work; two more batches queue per actor (Ray's default of 2 tasks
             # per concurrent call), their blocks already fetched.
             compute=ray.data.ActorPoolStrategy(
-                size=res.actors,
+                size=actors,
                 max_concurrent_calls_per_actor=1 if isolate else in_flight,
                 max_tasks_in_flight_per_actor=1 if isolate else None,
                 enable_true_multi_threading=True,
@@ -219,6 +230,7 @@ class Summary:
     filled_after_crash: list[str] = field(default_factory=list)
     engine: dict | None = None  # model.engine=vllm: prefix-cache hit rate, busy fraction, ...
     efficiency: dict | None = None  # both engines: tokens/s, busy, roofline (efficiency.py)
+    scheduling: dict | None = None  # the feeder lanes: how many, their CPU, how busy
 
     @property
     def images_per_s(self) -> float:
@@ -236,45 +248,47 @@ class Summary:
 
 
 def _consume(
-    ds: Any,
+    make_plan: Callable[[int, int], Any],
+    feeders: Feeders,
     tracker: CommitTracker,
     progress: Callable[[Any, int, float], None] | None,
     rows_total: int,
     t0: float,
     max_crashed_batches: int,
 ) -> None:
-    """Stream the write stage's reports into the tracker; a batch that crashed its worker on
-    every retry is dropped (up to `run.max_crashed_batches`) and its rows stay missing."""
-    ds.context.max_errored_blocks = max_crashed_batches
-    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    """Stream the lanes' reports into the tracker; a batch that crashed its worker on every
+    retry is dropped (up to `run.max_crashed_batches`) and its rows stay missing."""
     try:
-        for batch in batches:
-            tracker.add(batch)
+        for reports in feeders.feed(make_plan, max_crashed_batches):
+            tracker.add(reports)
             if progress:
                 progress(tracker.tally, rows_total, time.time() - t0)
-    finally:
-        # When the job stops early (abort threshold, a failed commit), shut the execution down
-        # now: left to the garbage collector, its tasks keep holding the cluster's CPUs. (Its
-        # model actors are stopped by `run` through the roster, see roster.py.)
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+    except BaseException:
+        # When the job stops early (abort threshold, a failed commit), end the executions now:
+        # left running, their tasks keep holding the cluster's CPUs. (The model actors are
+        # stopped by `_run_pass` through the roster, see roster.py.)
+        feeders.close()
+        raise
 
 
-def _run_pass(ctx: Context, make_plan: Callable[[], Any], consume: Callable[[Any], None]) -> None:
+def _run_pass(
+    ctx: Context, make_plan: Callable[[int, int], Any], consume: Callable[[Any], None]
+) -> None:
     """One pass over a plan, with a roster of its own: the pass's model actors are stopped when
     it ends, however it ends (see roster.py); left to Ray Data they can outlive the pass and hold
     the GPUs the next one needs. A fresh roster per pass: should one be lost with its node, the
     next pass does not depend on it."""
     ctx.roster = ActorRoster.start()
     try:
-        consume(make_plan())
+        consume(partial(make_plan, ctx))
     finally:
         ctx.roster.close()
         ctx.roster = None
 
 
-def _isolation_plan(ctx: Context, work: Work, lost: dict[str, list[int]]) -> Any:
+def _isolation_plan(
+    work: Work, lost: dict[str, list[int]], ctx: Context, lane: int, lanes: int
+) -> Any:
     """The lost rows again, each alone in its block, its model batch and on its actor."""
     job = ctx.job
     one = job.resources.model_copy(update={"batch_size": 1, "preprocess_batch_size": 1})
@@ -283,7 +297,20 @@ def _isolation_plan(ctx: Context, work: Work, lost: dict[str, list[int]]) -> Any
     shards = [
         dataclasses.replace(by_id[sid], rows=tuple(rows)) for sid, rows in sorted(lost.items())
     ]
-    return build(shards, alone, isolate=True, staging=work.staging)
+    return build(shards, alone, isolate=True, staging=work.staging, lane=lane, lanes=lanes)
+
+
+def _plan(work: Work, ctx: Context, lane: int, lanes: int) -> Any:
+    """This invocation's work as one lane's Dataset (what a feeder runs)."""
+    return build(work.todo, ctx, staging=work.staging, lane=lane, lanes=lanes)
+
+
+def _scheduling(feeders: Feeders, wall_s: float) -> dict:
+    """The lanes' figures: busy near 1 means the lanes, not the model actors, set the pace
+    (set resources.feeders higher, or resources.preprocess_batch_size)."""
+    cpu_s = feeders.cpu_s()
+    lanes = len(feeders.actors)
+    return {"lanes": lanes, "cpu_s": round(cpu_s, 3), "busy": round(cpu_s / wall_s / lanes, 3)}
 
 
 def run(
@@ -309,11 +336,16 @@ def run(
     ctx = context or prepare(job)
     if loader is not None:
         ctx.loader = loader
-    ctx.engine_board = None  # `build` starts a fresh board: this invocation's figures only
+    ctx.engine_board = None
     if not ctx.plan.ids_checked:
         check_unique_ids(ctx.plan, job.storage, ray=True)
     work = plan_work(job, ctx.plan, ctx.fingerprint)
     ctx.skip_keys = work.skip_keys
+    feeders = None
+    if work.todo:
+        # Started now, so they import Ray Data while the driver gets the run ready (feeder.py).
+        feeders = Feeders.start(job.resources.lanes)
+        ctx.engine_board = EfficiencyBoard.start()  # this invocation's figures only
     storage = job.storage
     # Rows staged by a killed run are never read (their shards are redone whole): clear them.
     layout.remove_tree(work.staging, storage)
@@ -334,7 +366,7 @@ def run(
         mode=job.run.mode,
         run_id=work.run_id,
     )
-    if not work.todo and layout.exists(success, storage):
+    if feeders is None and layout.exists(success, storage):
         log.info(
             "nothing to do: all %d shards are committed in %s", len(ctx.plan.shards), work.out_uri
         )
@@ -365,6 +397,7 @@ def run(
     rows_total = sum(s.num_rows for s in work.todo)
     consume = partial(
         _consume,
+        feeders=feeders,
         tracker=tracker,
         progress=progress,
         rows_total=rows_total,
@@ -372,8 +405,8 @@ def run(
         max_crashed_batches=job.run.max_crashed_batches,
     )
     try:
-        if work.todo:
-            _run_pass(ctx, lambda: build(work.todo, ctx, staging=work.staging), consume)
+        if feeders is not None:
+            _run_pass(ctx, partial(_plan, work), consume)
             lost = tracker.missing()
             if lost:
                 # Their batches crashed (or hung) the model worker on every retry and Ray Data
@@ -383,10 +416,13 @@ def run(
                     "retrying them one row per batch",
                     sum(map(len, lost.values())),
                 )
-                _run_pass(ctx, partial(_isolation_plan, ctx, work, lost), consume)
+                _run_pass(ctx, partial(_isolation_plan, work, lost), consume)
+            summary.scheduling = _scheduling(feeders, time.time() - t0)
         filled = tracker.finish()
     finally:
         tracker.close()
+        if feeders is not None:
+            feeders.close()
     layout.remove_tree(work.staging, storage)
     tally = tracker.tally
     summary.rows_in, summary.rows_out = tally.rows_in, tally.rows_out

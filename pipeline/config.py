@@ -256,6 +256,11 @@ class ModelConfig(_Strict):
     )
 
 
+# Model actors per feeder lane when resources.feeders is empty: at 120 images/s per GPU that
+# is ~4,000 rows/s per lane, well inside what one lane schedules even at the default blocks.
+ACTORS_PER_FEEDER = 32
+
+
 class ResourcesConfig(_Strict):
     actors: int = Field(default=1, ge=1, description="Model replicas (one actor each).")
     gpus_per_actor: float = Field(
@@ -284,6 +289,15 @@ class ResourcesConfig(_Strict):
     fetch_threads: int = Field(
         default=16, ge=1, description="Concurrent image reads per fetch task."
     )
+    feeders: int | None = Field(
+        default=None,
+        ge=1,
+        description="Lanes that schedule the work: zero-CPU processes on the driver's node, each "
+        "running Ray Data's executor for its share of the blocks and model actors (at most one "
+        "lane per actor). One lane schedules tens of thousands of rows/s at 1,024-row blocks, a "
+        "quarter of that at the default blocks (BENCHMARKS.md section 8); empty = one lane per "
+        f"{ACTORS_PER_FEEDER} model actors.",
+    )
     gpu_type: Literal[GPU_TYPES] | None = Field(  # type: ignore[valid-type]
         default=None,
         description="The GPU model the actors run on, for the decode-roofline fraction in the "
@@ -291,6 +305,20 @@ class ResourcesConfig(_Strict):
         + ", ".join(GPU_TYPES)
         + ". Empty = no roofline figure.",
     )
+
+    @model_validator(mode="after")
+    def _lanes_have_actors(self):
+        if self.feeders is not None and self.feeders > self.actors:
+            raise ValueError(
+                f"resources.feeders={self.feeders} is more than resources.actors={self.actors}: "
+                "each lane needs a model actor of its own"
+            )
+        return self
+
+    @property
+    def lanes(self) -> int:
+        """Feeder lanes this job runs (resources.feeders, or one per ACTORS_PER_FEEDER)."""
+        return self.feeders or -(-self.actors // ACTORS_PER_FEEDER)
 
 
 class StorageConfig(_Strict):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from pipeline.config import JobConfig, StorageConfig
 from pipeline.storage import filesystem, is_remote
-from ziya_model.loading import verify_weights_manifest
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -97,6 +96,10 @@ def ensure_local(uri: str, cache_dir: str, storage: StorageConfig) -> str:
             list(pool.map(fetch, sorted(listing)))
         # Hash once per node, after download, against the directory's weights.sha256 (when
         # the publisher wrote one); actors then only check sizes at load time.
+        # Imported here: ziya_model.loading brings torch and transformers (seconds of CPU), and
+        # the driver and the feeder lanes import this module without ever loading a model.
+        from ziya_model.loading import verify_weights_manifest
+
         verify_weights_manifest(partial, check_hash=True)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)

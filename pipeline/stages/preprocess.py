@@ -15,13 +15,6 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline.columns import DECODE_ERROR, OK, TOO_LARGE, check_columns, set_column
-from ziya_model.processing import (
-    ImageDecodeError,
-    ImageTooLarge,
-    ZiyaImageProcessor,
-    decode_image,
-    decode_pixels,
-)
 
 INPUT_COLUMNS = {
     "image_bytes": "encoded image (null for failed rows)",
@@ -31,12 +24,26 @@ INPUT_COLUMNS = {
 
 
 class PreprocessStage:
+    # ziya_model.processing (and with it torch: seconds of CPU to import) is imported where the
+    # stage runs, on the CPU workers: the feeder lanes build this stage but never call it.
+
     def __init__(self, image_size: int, max_pixels: int, mode: str = "fast"):
-        self.processor = ZiyaImageProcessor(image_size)
+        self.image_size = image_size
         self.max_pixels = max_pixels
         self.mode = mode
+        self._processor = None
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            from ziya_model.processing import ZiyaImageProcessor
+
+            self._processor = ZiyaImageProcessor(self.image_size)
+        return self._processor
 
     def _pixels(self, data: bytes) -> bytes:
+        from ziya_model.processing import decode_image, decode_pixels
+
         if self.mode == "fast":
             pixels = decode_pixels(data, self.max_pixels, min_size=self.processor.image_size)
             return self.processor.preprocess_uint8(pixels).tobytes()
@@ -44,6 +51,8 @@ class PreprocessStage:
         return self.processor([image])[0].numpy().astype("float32").tobytes()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from ziya_model.processing import ImageDecodeError, ImageTooLarge
+
         check_columns("PreprocessStage", batch, INPUT_COLUMNS)
         status = batch.column("status").to_pylist()
         error = batch.column("error").to_pylist()

@@ -1,0 +1,144 @@
+"""Ray Data's execution off the driver: feeder actors run the plan and send back only reports.
+
+Ray Data runs a Dataset's streaming executor in the process that consumes it: scheduling every
+block's tasks, their events, resource budgets and backpressure, about 25 µs of CPU per output
+row at 1,024-row blocks plus 5 % of a core per second (bench/bench_driver_cpu.py). In the driver
+that capped a whole job at what one core can schedule. So the driver consumes nothing itself:
+
+    feeders = Feeders.start(lanes)                  # driver, at the start of `run`
+    for reports in feeders.feed(make_plan):         # one pass: each lane runs make_plan(lane)
+        tracker.add(reports)                        # driver: tally, commit complete shards
+    feeders.close()                                 # kills the lanes and what they own
+
+Each lane is a zero-CPU actor on the driver's node (a lost worker node cannot take it along;
+when the driver's node is lost the job is lost with it anyway). It builds its part of the plan
+(`make_plan(lane, lanes)`, the builder's), consumes it, and streams the write stage's reports
+back, gathered for up to FLUSH_S: the driver's work then grows with the seconds a run lasts and
+its shards, not with its rows or blocks. With several lanes, each runs its own executor on its
+own share of the blocks and model actors, so the rows/s a job can schedule grow with the lanes.
+
+Killing a lane stops its execution at once: the tasks and model actors its executor started are
+owned by it, and Ray ends them with their owner (the early-stop path: abort threshold, a failed
+commit). A lane that dies on its own (its process killed, out of memory) fails the pass with
+its error; the shards committed so far stay committed, and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# How long a lane gathers reports before it sends them: the longest a complete shard waits for
+# its commit on this account, and at most 1 / FLUSH_S messages a second for the driver per lane.
+FLUSH_S = 0.25
+
+_END = object()
+
+
+class Feeder:
+    """One lane: runs its part of a pass's plan and yields the reports, gathered (an actor)."""
+
+    def __init__(self, data_context: Any):
+        from ray.data import DataContext
+
+        # The driver's Ray Data settings (progress bars, limits) hold in this process too.
+        DataContext._set_current(data_context)
+
+    def feed(
+        self, make_plan: Callable[[int, int], Any], lane: int, lanes: int, max_crashed: int
+    ) -> Iterator[Any]:
+        import pyarrow as pa
+
+        ds = make_plan(lane, lanes)
+        # A batch that crashed its worker on every retry is dropped, up to this many; its rows
+        # stay missing and the driver retries them one per batch.
+        ds.context.max_errored_blocks = max_crashed
+        inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_pull, args=(ds, inbox), daemon=True).start()
+        ended = False
+        while not ended:
+            gathered = [inbox.get()]
+            deadline = time.monotonic() + FLUSH_S
+            while True:
+                item = gathered[-1]
+                if item is _END or isinstance(item, BaseException):
+                    gathered.pop()
+                    ended = True
+                    break
+                try:
+                    gathered.append(inbox.get(timeout=max(deadline - time.monotonic(), 0)))
+                except queue.Empty:
+                    break
+            if gathered:
+                yield pa.concat_tables(gathered)
+            if isinstance(item, BaseException):
+                raise item
+
+    def cpu_s(self) -> float:
+        """This lane's CPU seconds so far (every thread: Ray Data's executor, Ray's own)."""
+        return time.process_time()
+
+
+def _pull(ds: Any, inbox: queue.Queue) -> None:
+    """Consume the plan (on its own thread, so the lane can send reports while waiting)."""
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            inbox.put(batch)
+        inbox.put(_END)
+    except BaseException as error:  # handed to the lane's generator, which raises it
+        inbox.put(error)
+
+
+class Feeders:
+    """The driver's handle on its lanes."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    @classmethod
+    def start(cls, lanes: int) -> Feeders:
+        """Start `lanes` feeders on this node; they import Ray Data while the driver plans."""
+        import ray
+        from ray.data import DataContext
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        remote = ray.remote(num_cpus=0, max_restarts=0)(Feeder).options(scheduling_strategy=here)
+        context = DataContext.get_current()
+        return cls([remote.remote(context) for _ in range(lanes)])
+
+    def feed(self, make_plan: Callable[[int, int], Any], max_crashed: int) -> Iterator[Any]:
+        """Every lane's reports, as they come."""
+        import ray
+
+        lanes = len(self.actors)
+        streams = [
+            actor.feed.options(num_returns="streaming").remote(make_plan, i, lanes, max_crashed)
+            for i, actor in enumerate(self.actors)
+        ]
+        while streams:
+            ready, _ = ray.wait(streams, num_returns=1)
+            stream = ready[0]
+            try:
+                ref = next(stream)
+            except StopIteration:
+                streams.remove(stream)
+                continue
+            yield ray.get(ref)
+
+    def cpu_s(self) -> float:
+        """The lanes' CPU seconds so far, together."""
+        import ray
+
+        return sum(ray.get([actor.cpu_s.remote() for actor in self.actors]))
+
+    def close(self) -> None:
+        """Kill the lanes: whatever their executors still run ends with them."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
