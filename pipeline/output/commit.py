@@ -20,6 +20,7 @@ for a retry one row per batch; whatever is still missing at `finish` is committe
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -431,10 +432,15 @@ class Committer:
         return commit_shard(*args)
 
 
-def _start_committers(count: int) -> list:
+@functools.cache
+def _committer_class() -> Any:
+    """Made once per process: see runtime/helpers.py on why."""
     import ray
 
-    actor = ray.remote(
+    return ray.remote(
         num_cpus=0, max_concurrency=MAX_COMMITTING, max_restarts=-1, max_task_retries=3
     )(Committer)
-    return [actor.remote() for _ in range(count)]
+
+
+def _start_committers(count: int) -> list:
+    return [_committer_class().remote() for _ in range(count)]

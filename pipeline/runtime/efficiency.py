@@ -34,6 +34,7 @@ import posixpath
 from typing import Any
 
 from pipeline.config import JobConfig
+from pipeline.runtime.helpers import start_on_driver_node
 from ziya_model.roofline import BYTES_PER_PARAM, decode_bound, llama_params
 
 log = logging.getLogger("ziya_batch")
@@ -62,15 +63,7 @@ class EfficiencyBoard:
     def start(cls):
         """On the driver's node (hard affinity), like the roster: a lost worker node cannot
         take the figures with it."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        node = ray.get_runtime_context().get_node_id()
-        return (
-            ray.remote(num_cpus=0, max_restarts=0)(cls)
-            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            .remote()
-        )
+        return start_on_driver_node(cls)
 
 
 def send(board: Any, delta: dict[str, float]) -> None:

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pipeline.runtime.helpers import start_on_driver_node
+
 # How long a lane gathers reports before it sends them: the longest a complete shard waits for
 # its commit on this account, and at most 1 / FLUSH_S messages a second for the driver per lane.
 FLUSH_S = 0.25
@@ -101,14 +103,10 @@ class Feeders:
     @classmethod
     def start(cls, lanes: int) -> Feeders:
         """Start `lanes` feeders on this node; they import Ray Data while the driver plans."""
-        import ray
         from ray.data import DataContext
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        remote = ray.remote(num_cpus=0, max_restarts=0)(Feeder).options(scheduling_strategy=here)
         context = DataContext.get_current()
-        return cls([remote.remote(context) for _ in range(lanes)])
+        return cls([start_on_driver_node(Feeder, context) for _ in range(lanes)])
 
     def feed(self, make_plan: Callable[[int, int], Any], max_crashed: int) -> Iterator[Any]:
         """Every lane's reports, as they come."""

@@ -31,6 +31,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pipeline.runtime.helpers import start_on_driver_node
+
 log = logging.getLogger("ziya_batch")
 
 # How long a call to the roster may take. It is a zero-CPU actor on the driver's node answering
@@ -73,16 +75,7 @@ class ActorRoster:
     def start(cls, node_id: str | None = None) -> ActorRoster:
         """Start a roster on `node_id`, by default the driver's own node (hard affinity: it is
         never placed on, or moved to, a node whose loss the job must survive)."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        node_id = node_id or ray.get_runtime_context().get_node_id()
-        remote = ray.remote(
-            num_cpus=0,
-            max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        )(_Roster)
-        return cls(remote.remote())
+        return cls(start_on_driver_node(_Roster, node_id=node_id))
 
     def register_current_actor(self) -> None:
         """Called in a model actor's constructor. Waits for the roster, so an actor is on the
