@@ -418,11 +418,12 @@ def run(
                 )
                 _run_pass(ctx, partial(_isolation_plan, work, lost), consume)
             summary.scheduling = _scheduling(feeders, time.time() - t0)
+            feeders.release()  # idle, for this process's next run (feeder.py)
         filled = tracker.finish()
     finally:
         tracker.close()
         if feeders is not None:
-            feeders.close()
+            feeders.close()  # the run stopped early: its lanes end with what they run
     layout.remove_tree(work.staging, storage)
     tally = tracker.tally
     summary.rows_in, summary.rows_out = tally.rows_in, tally.rows_out

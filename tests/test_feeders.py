@@ -2,6 +2,7 @@
 the driver, and the driver gets the reports gathered.
 
 - two lanes, two model actors: every row once, both actors answered, the summary says 2 lanes;
+  the next run of the process takes the same lanes, one of them with nothing to do;
 - a lane's reports come gathered (fewer messages than blocks), every row once;
 - closing the lanes ends what their executors still run: the CPUs come back at once;
 - resources.feeders is checked against resources.actors before any work.
@@ -17,6 +18,7 @@ import pytest
 from pipeline.builder import run
 from pipeline.config import ResourcesConfig
 from pipeline.output.layout import exists, read_output
+from pipeline.runtime import feeder
 from pipeline.runtime.feeder import FLUSH_S, Feeders
 from pipeline.runtime.weights import ModelLoader
 from pipeline.storage import join
@@ -24,6 +26,9 @@ from tests.support.counting import CountingLoader, answered_rows, pids
 from tests.support.fault_jobs import make_job, photo_uris, put_manifest, seed_bucket
 
 BUCKET = "feeder-runs"
+# Half a CPU per model actor: the 2-CPU test cluster keeps one for the block tasks (4 rows each,
+# make_job's preprocess_batch_size).
+TWO_LANES = {"actors": 2, "feeders": 2, "cpus_per_actor": 0.5, "preprocess_cpus": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +58,13 @@ def test_two_lanes_answer_every_row_once(
         ids,
         [photos[i % len(photos)] for i in range(n)],
     )
-    # Half a CPU per model actor: the 2-CPU test cluster keeps one for the block tasks.
     job = make_job(
         moto_endpoint,
         bucket,
         tiny_checkpoint,
         "m/lanes/",
         "out/lanes",
-        resources={"actors": 2, "feeders": 2, "cpus_per_actor": 0.5, "preprocess_cpus": 0.5},
+        resources=TWO_LANES,
     )
     log = tmp_path / "calls.jsonl"
     summary = run(job, loader=CountingLoader(ModelLoader(job), str(log)))
@@ -73,6 +77,25 @@ def test_two_lanes_answer_every_row_once(
     assert Counter(out.column("status").to_pylist()) == {"ok": n}
     assert summary.rows_in == summary.rows_out == n and summary.shards_committed == n // 4
     assert exists(join(job.output.uri, "_SUCCESS"), job.storage)
+    job_id = ray_cluster.get_runtime_context().get_job_id()
+    lanes = {actor._actor_id for actor in feeder._IDLE[job_id]}
+    assert len(lanes) == 2, "a run that ended normally leaves its lanes idle for the next"
+
+    # One block for two lanes: the lane with nothing to do ends at once, the other does it all.
+    put_manifest(moto_endpoint, BUCKET, "m/one/part-0.parquet", ids[:4], [photos[0]] * 4)
+    one = make_job(
+        moto_endpoint,
+        bucket,
+        tiny_checkpoint,
+        "m/one/",
+        "out/one",
+        resources=TWO_LANES,
+    )
+    summary = run(one)
+    assert summary.statuses == {"ok": 4} and summary.scheduling["lanes"] == 2
+    again = {actor._actor_id for actor in feeder._IDLE[job_id]}
+    assert again == lanes, "the second run took the same lanes"
+    assert sorted(read_output(one.output.uri, one.storage).column("id").to_pylist()) == ids[:4]
 
 
 def _ready_blocks(lane: int, lanes: int):

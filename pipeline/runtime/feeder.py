@@ -6,9 +6,10 @@ row at 1,024-row blocks plus 5 % of a core per second (bench/bench_driver_cpu.py
 that capped a whole job at what one core can schedule. So the driver consumes nothing itself:
 
     feeders = Feeders.start(lanes)                  # driver, at the start of `run`
-    for reports in feeders.feed(make_plan):         # one pass: each lane runs make_plan(lane)
+    for reports in feeders.feed(make_plan, max_crashed):  # a pass: lane i runs make_plan(i, n)
         tracker.add(reports)                        # driver: tally, commit complete shards
-    feeders.close()                                 # kills the lanes and what they own
+    feeders.release()                               # idle, for the process's next run
+    feeders.close()                                 # or, stopping early: kill them and their work
 
 Each lane is a zero-CPU actor on the driver's node (a lost worker node cannot take it along;
 when the driver's node is lost the job is lost with it anyway). It builds its part of the plan
@@ -16,6 +17,11 @@ when the driver's node is lost the job is lost with it anyway). It builds its pa
 back, gathered for up to FLUSH_S: the driver's work then grows with the seconds a run lasts and
 its shards, not with its rows or blocks. With several lanes, each runs its own executor on its
 own share of the blocks and model actors, so the rows/s a job can schedule grow with the lanes.
+
+A run that ends normally leaves its lanes idle for the next run of the same driver process on
+the same cluster (a notebook, a service, a benchmark's runs): a lane's start, a process and Ray
+Data's imports, is seconds of CPU on the run's critical path, so it is paid once per driver
+process, as the driver's own imports are. A run that stops early kills its lanes.
 
 Killing a lane stops its execution at once: the tasks and model actors its executor started are
 owned by it, and Ray ends them with their owner (the early-stop path: abort threshold, a failed
@@ -37,24 +43,36 @@ from pipeline.runtime.helpers import start_on_driver_node
 # its commit on this account, and at most 1 / FLUSH_S messages a second for the driver per lane.
 FLUSH_S = 0.25
 
+# How long a run waits for an idle lane to answer before it starts a fresh one instead.
+LIVE_TIMEOUT_S = 10.0
+
 _END = object()
+# Idle lanes by Ray job id (a new connection to a cluster is a new job: its lanes are new).
+_IDLE: dict[str, list] = {}
 
 
 class Feeder:
     """One lane: runs its part of a pass's plan and yields the reports, gathered (an actor)."""
 
-    def __init__(self, data_context: Any):
+    def __init__(self):
+        import ray.data  # noqa: F401 - imported while the driver gets the run ready
+
+    def feed(
+        self,
+        make_plan: Callable[[int, int], Any],
+        lane: int,
+        lanes: int,
+        max_crashed: int,
+        data_context: Any,
+    ) -> Iterator[Any]:
+        import pyarrow as pa
         from ray.data import DataContext
 
         # The driver's Ray Data settings (progress bars, limits) hold in this process too.
         DataContext._set_current(data_context)
-
-    def feed(
-        self, make_plan: Callable[[int, int], Any], lane: int, lanes: int, max_crashed: int
-    ) -> Iterator[Any]:
-        import pyarrow as pa
-
         ds = make_plan(lane, lanes)
+        if ds is None:
+            return  # nothing for this lane (fewer block ranges than lanes)
         # A batch that crashed its worker on every retry is dropped, up to this many; its rows
         # stay missing and the driver retries them one per batch.
         ds.context.max_errored_blocks = max_crashed
@@ -97,24 +115,43 @@ def _pull(ds: Any, inbox: queue.Queue) -> None:
 class Feeders:
     """The driver's handle on its lanes."""
 
-    def __init__(self, actors: list):
+    def __init__(self, actors: list, job_id: str, cpu0: list[float]):
         self.actors = actors
+        self.job_id = job_id
+        self.cpu0 = cpu0  # each lane's CPU seconds when this run took it (0 for a fresh one)
 
     @classmethod
     def start(cls, lanes: int) -> Feeders:
-        """Start `lanes` feeders on this node; they import Ray Data while the driver plans."""
-        from ray.data import DataContext
+        """`lanes` lanes on this node: idle ones this process left, then fresh ones (which import
+        Ray Data while the driver gets the run ready)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
 
-        context = DataContext.get_current()
-        return cls([start_on_driver_node(Feeder, context) for _ in range(lanes)])
+        job_id = ray.get_runtime_context().get_job_id()
+        actors, cpu0 = [], []
+        for actor in _IDLE.pop(job_id, []):
+            try:
+                if len(actors) < lanes:
+                    cpu0.append(ray.get(actor.cpu_s.remote(), timeout=LIVE_TIMEOUT_S))
+                    actors.append(actor)
+                    continue
+            except (RayActorError, GetTimeoutError):
+                pass  # gone (or going) since the last run: a fresh lane takes its place
+            ray.kill(actor)
+        fresh = lanes - len(actors)
+        actors += [start_on_driver_node(Feeder) for _ in range(fresh)]
+        return cls(actors, job_id, cpu0 + [0.0] * fresh)
 
     def feed(self, make_plan: Callable[[int, int], Any], max_crashed: int) -> Iterator[Any]:
         """Every lane's reports, as they come."""
         import ray
+        from ray.data import DataContext
 
-        lanes = len(self.actors)
+        lanes, context = len(self.actors), DataContext.get_current()
         streams = [
-            actor.feed.options(num_returns="streaming").remote(make_plan, i, lanes, max_crashed)
+            actor.feed.options(num_returns="streaming").remote(
+                make_plan, i, lanes, max_crashed, context
+            )
             for i, actor in enumerate(self.actors)
         ]
         while streams:
@@ -128,10 +165,15 @@ class Feeders:
             yield ray.get(ref)
 
     def cpu_s(self) -> float:
-        """The lanes' CPU seconds so far, together."""
+        """The lanes' CPU seconds in this run so far, together (a fresh lane's start included)."""
         import ray
 
-        return sum(ray.get([actor.cpu_s.remote() for actor in self.actors]))
+        return sum(ray.get([actor.cpu_s.remote() for actor in self.actors])) - sum(self.cpu0)
+
+    def release(self) -> None:
+        """After a run that ended normally: the lanes wait for this process's next run."""
+        _IDLE.setdefault(self.job_id, []).extend(self.actors)
+        self.actors = []
 
     def close(self) -> None:
         """Kill the lanes: whatever their executors still run ends with them."""
