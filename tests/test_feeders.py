@@ -138,7 +138,8 @@ def test_closing_the_lanes_ends_their_work_at_once(ray_cluster):
     total = ray.cluster_resources()["CPU"]
     feeders = Feeders.start(1)
     actor = feeders.actors[0]
-    stream = actor.feed.options(num_returns="streaming").remote(_slow_blocks, 0, 1, 0)
+    context = ray.data.DataContext.get_current()
+    stream = actor.feed.options(num_returns="streaming").remote(_slow_blocks, 0, 1, 0, context)
     end = time.monotonic() + 60
     while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < end:
         time.sleep(0.2)  # until the plan's tasks hold every CPU, each for two minutes
