@@ -341,11 +341,6 @@ def run(
         check_unique_ids(ctx.plan, job.storage, ray=True)
     work = plan_work(job, ctx.plan, ctx.fingerprint)
     ctx.skip_keys = work.skip_keys
-    feeders = None
-    if work.todo:
-        # Started now, so they import Ray Data while the driver gets the run ready (feeder.py).
-        feeders = Feeders.start(job.resources.lanes)
-        ctx.engine_board = EfficiencyBoard.start()  # this invocation's figures only
     storage = job.storage
     # Rows staged by a killed run are never read (their shards are redone whole): clear them.
     layout.remove_tree(work.staging, storage)
@@ -366,7 +361,7 @@ def run(
         mode=job.run.mode,
         run_id=work.run_id,
     )
-    if feeders is None and layout.exists(success, storage):
+    if not work.todo and layout.exists(success, storage):
         log.info(
             "nothing to do: all %d shards are committed in %s", len(ctx.plan.shards), work.out_uri
         )
@@ -395,17 +390,20 @@ def run(
         committers=-(-job.resources.actors // 8),
     )
     rows_total = sum(s.num_rows for s in work.todo)
-    consume = partial(
-        _consume,
-        feeders=feeders,
-        tracker=tracker,
-        progress=progress,
-        rows_total=rows_total,
-        t0=t0,
-        max_crashed_batches=job.run.max_crashed_batches,
-    )
+    feeders = None
     try:
-        if feeders is not None:
+        if work.todo:
+            feeders = Feeders.start(job.resources.lanes)
+            ctx.engine_board = EfficiencyBoard.start()  # this invocation's figures only
+            consume = partial(
+                _consume,
+                feeders=feeders,
+                tracker=tracker,
+                progress=progress,
+                rows_total=rows_total,
+                t0=t0,
+                max_crashed_batches=job.run.max_crashed_batches,
+            )
             _run_pass(ctx, partial(_plan, work), consume)
             lost = tracker.missing()
             if lost:

@@ -55,7 +55,7 @@ class Feeder:
     """One lane: runs its part of a pass's plan and yields the reports, gathered (an actor)."""
 
     def __init__(self):
-        import ray.data  # noqa: F401 - imported while the driver gets the run ready
+        import ray.data  # noqa: F401 - at start: before the first pass arrives
 
     def feed(
         self,
@@ -78,28 +78,30 @@ class Feeder:
         ds.context.max_errored_blocks = max_crashed
         inbox: queue.Queue = queue.Queue()
         threading.Thread(target=_pull, args=(ds, inbox), daemon=True).start()
-        ended = False
-        while not ended:
-            gathered = [inbox.get()]
+        while True:
+            gathered = [inbox.get()]  # wait for the first report, then gather for FLUSH_S
             deadline = time.monotonic() + FLUSH_S
-            while True:
-                item = gathered[-1]
-                if item is _END or isinstance(item, BaseException):
-                    gathered.pop()
-                    ended = True
-                    break
+            while not _last(gathered[-1]):
                 try:
                     gathered.append(inbox.get(timeout=max(deadline - time.monotonic(), 0)))
                 except queue.Empty:
                     break
+            last = gathered.pop() if _last(gathered[-1]) else None
             if gathered:
                 yield pa.concat_tables(gathered)
-            if isinstance(item, BaseException):
-                raise item
+            if isinstance(last, BaseException):
+                raise last
+            if last is _END:
+                return
 
     def cpu_s(self) -> float:
         """This lane's CPU seconds so far (every thread: Ray Data's executor, Ray's own)."""
         return time.process_time()
+
+
+def _last(item: Any) -> bool:
+    """Whether `item` ends the stream: its end, or the error that ended it."""
+    return item is _END or isinstance(item, BaseException)
 
 
 def _pull(ds: Any, inbox: queue.Queue) -> None:
@@ -123,7 +125,7 @@ class Feeders:
     @classmethod
     def start(cls, lanes: int) -> Feeders:
         """`lanes` lanes on this node: idle ones this process left, then fresh ones (which import
-        Ray Data while the driver gets the run ready)."""
+        Ray Data as they start, before their first pass arrives)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -146,6 +148,7 @@ class Feeders:
         """Every lane's reports, as they come."""
         import ray
         from ray.data import DataContext
+        from ray.exceptions import RayActorError
 
         lanes, context = len(self.actors), DataContext.get_current()
         streams = [
@@ -162,7 +165,13 @@ class Feeders:
             except StopIteration:
                 streams.remove(stream)
                 continue
-            yield ray.get(ref)
+            try:
+                yield ray.get(ref)
+            except RayActorError as err:
+                raise RuntimeError(
+                    "a feeder lane (the process that runs Ray Data's scheduling for this job, on "
+                    "the driver's node) died; committed shards stay committed: rerun to resume"
+                ) from err
 
     def cpu_s(self) -> float:
         """The lanes' CPU seconds in this run so far, together (a fresh lane's start included)."""
